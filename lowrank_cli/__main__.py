@@ -1,0 +1,3 @@
+from lowrank_cli.cli.app import main
+
+main()

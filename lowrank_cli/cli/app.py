@@ -1,0 +1,82 @@
+"""The root `lowrank` command. Heavy libraries (torch, transformers) are imported inside the commands,
+so `lowrank --help` answers in well under a second."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from lowrank_cli import __version__
+from lowrank_cli.cli import decompose as decompose_cmd
+from lowrank_cli.cli import env as env_cmd
+from lowrank_cli.cli import eval as eval_cmd
+from lowrank_cli.cli.runner import STATE, json_error
+
+__all__ = ["app", "main"]
+
+EPILOG = """\
+[bold]Examples[/bold]
+
+  lowrank eval demo                                     # perplexity of the bundled demo model
+  lowrank decompose demo --target-ppl-increase 5% -o out/demo-lord
+  lowrank decompose bigcode/starcoder --target-ppl-increase 1% -o out/starcoder-lord --device cuda
+
+[bold]Exit codes[/bold]: 0 ok, 1 runtime failure, 2 bad usage/input/config, 3 quality budget not met.
+"""
+
+app = typer.Typer(
+    name="lowrank",
+    help="Make Hugging Face language models smaller and cheaper with low-rank methods.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lowrank {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="More detail on stderr: per-layer lines, tracebacks.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only, no bars.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Make Hugging Face language models smaller and cheaper with low-rank methods."""
+    STATE.verbose, STATE.quiet = verbose, quiet
+
+
+app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_command)
+app.command("decompose", epilog=decompose_cmd.EPILOG)(decompose_cmd.decompose_command)
+app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_command)
+
+
+def main() -> None:
+    """Entry point. Click's own usage errors (unknown option, bad value) exit 2; with --json they also
+    print the JSON error object, so pipelines always get one JSON document."""
+    import click
+
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        command = sys.argv[1] if len(sys.argv) > 1 else ""
+        if "--json" in sys.argv:
+            json_error(command, "usage", exc.format_message(), exc.exit_code)
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(130)
+    sys.exit(0)

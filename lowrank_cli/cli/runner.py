@@ -1,0 +1,137 @@
+"""Run one command: logging, progress, result rendering, errors -> exit codes.
+
+Streams: the result goes to stdout (a table, or exactly one JSON object with --json); logs, warnings and
+progress go to stderr. Progress bars appear only when stderr is a terminal and neither --json nor --quiet
+is set. Errors are one line on stderr (and the JSON error object on stdout with --json); -v adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import typer
+
+from lowrank_cli.errors import LowrankError
+from lowrank_cli.result import RESULT_SCHEMA
+
+__all__ = ["GlobalState", "STATE", "run", "json_error"]
+
+
+@dataclass
+class GlobalState:
+    verbose: int = 0
+    quiet: bool = False
+
+
+STATE = GlobalState()
+
+
+def _configure_logging(json_mode: bool) -> None:
+    if STATE.verbose >= 1:
+        level = logging.DEBUG
+    elif STATE.quiet or json_mode or not sys.stderr.isatty():
+        level = logging.WARNING
+    else:
+        level = logging.INFO
+    log = logging.getLogger("lowrank")
+    log.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    # transformers/accelerate chatter ("Writing model shards", deprecations) is not ours to show
+    for noisy in ("transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _progress(json_mode: bool):
+    from lowrank_cli.utils.progress import LogProgress, Progress
+
+    if json_mode or STATE.quiet:
+        return Progress()
+    if sys.stderr.isatty():
+        from lowrank_cli.cli.bars import RichProgress
+
+        return RichProgress()
+    return LogProgress()
+
+
+def _clean(value):
+    """JSON has no NaN/inf: they become null (a diverged perplexity is reported as such elsewhere)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _emit_json(doc: dict) -> None:
+    sys.stdout.write(json.dumps(_clean(doc), default=str) + "\n")
+    sys.stdout.flush()
+
+
+def json_error(command: str, kind: str, message: str, code: int, hint: str | None = None) -> None:
+    _emit_json({"schema": RESULT_SCHEMA, "command": command, "status": "error", "exit_code": code,
+                "error": {"type": kind, "message": message, "hint": hint}})
+
+
+def _render_human(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    for key, value in result.summary():
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        table.add_row(f"[bold]{key}[/bold]", str(value))
+    Console(soft_wrap=True).print(table)
+
+
+def run(command: str, job: Callable, *, json_mode: bool) -> None:
+    """Call `job(progress)` -> Result; render it; map failures to exit codes."""
+    _configure_logging(json_mode)
+    progress = _progress(json_mode)
+    log = logging.getLogger("lowrank")
+    try:
+        result = job(progress)
+    except LowrankError as exc:
+        _fail(command, exc.kind, exc.message, exc.exit_code, exc.hint, json_mode, exc)
+    except KeyboardInterrupt:
+        _fail(command, "interrupted", "interrupted", 130, None, json_mode, None)
+    except typer.Exit:
+        raise
+    except Exception as exc:  # anything unexpected: still one line unless -v
+        _fail(command, "runtime", f"{type(exc).__name__}: {exc}", 1, None, json_mode, exc)
+    finally:
+        close = getattr(progress, "close", None)
+        if close:
+            close()
+    if json_mode:
+        doc = {"schema": RESULT_SCHEMA, "command": command, "status": "ok", "exit_code": 0}
+        doc.update(result.to_dict())
+        _emit_json(doc)
+    else:
+        _render_human(result)
+    log.debug("done")
+
+
+def _fail(command, kind, message, code, hint, json_mode, exc) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else kind
+    if STATE.verbose >= 1 and exc is not None:
+        traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.write(f"error: {first_line}\n")
+    if hint:
+        sys.stderr.write(f"hint: {hint}\n")
+    if json_mode:
+        json_error(command, kind, first_line, code, hint)
+    raise typer.Exit(code)

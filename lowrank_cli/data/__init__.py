@@ -1,0 +1,1 @@
+"""Text sources, disjoint splits and token windows for calibration, evaluation and training."""

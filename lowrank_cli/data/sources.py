@@ -1,0 +1,176 @@
+"""Where text comes from: files, globs, folders, jsonl, parquet, datasets hub ids, or the stdlib.
+
+The default text is the running interpreter's own standard library source: real code that exists on every
+machine, offline. Documents are split into disjoint parts by a stable hash, so calibration, evaluation and
+the demo model's training text never overlap:
+
+    bucket = sha1(key) % 10    0 -> "eval"    1 -> "calib"    2..9 -> "train"
+
+For the stdlib the key is the file's path relative to the stdlib folder; for any other source it is the
+document's text. `part=None` takes every document.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterable
+from pathlib import Path
+
+from lowrank_cli.errors import UsageError
+
+__all__ = [
+    "STDLIB",
+    "STDLIB_PROSE",
+    "PARTS",
+    "load_documents",
+    "part_of",
+    "stdlib_root",
+    "stdlib_files",
+]
+
+STDLIB = "stdlib"  # the stdlib's .py files: code
+STDLIB_PROSE = "stdlib-prose"  # the stdlib's own documentation topics (pydoc_data): English prose
+PARTS = ("eval", "calib", "train")
+_TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java"}
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "turtledemo"}
+
+
+def part_of(key: str) -> str:
+    """The part ("eval", "calib" or "train") a document with this key belongs to."""
+    bucket = int(hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest(), 16) % 10
+    return "eval" if bucket == 0 else "calib" if bucket == 1 else "train"
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(part: str | None = None) -> list[Path]:
+    """The stdlib's .py files (third-party packages excluded), sorted, optionally one part of them."""
+    root = stdlib_root()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                path = Path(dirpath) / name
+                if part is None or part_of(path.relative_to(root).as_posix()) == part:
+                    found.append(path)
+    return found
+
+
+def _stdlib_prose(part: str | None) -> list[str]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # some distributions strip pydoc_data
+        raise UsageError("this Python has no pydoc_data: 'stdlib-prose' is unavailable") from exc
+    return [topics[k] for k in sorted(topics) if part is None or part_of("topic:" + k) == part]
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _documents_from_file(path: Path, text_field: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict) or text_field not in record:
+                    raise UsageError(f"{path}:{lineno}: no field '{text_field}' (set --text-field)")
+                docs.append(str(record[text_field]))
+        return docs
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise UsageError("reading .parquet needs pyarrow: pip install 'lowrank-cli[data]'") from exc
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise UsageError(f"{path}: no column '{text_field}' (set --text-field)")
+        return [str(v) for v in table.column(text_field).to_pylist()]
+    return [_read_text(path)]
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and (p.suffix.lower() in _TEXT_SUFFIXES | {".jsonl", ".parquet"})
+        and not any(part.startswith(".") or part in _SKIP_DIRS for part in p.relative_to(folder).parts)
+    )
+
+
+def _documents_from_hub(spec: str, text_field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise UsageError(f"'{spec}' is no file or folder; a datasets hub id needs "
+                         "pip install 'lowrank-cli[data]'") from exc
+    name, _, split = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # datasets raises many types: offline, unknown id, bad split
+        raise UsageError(f"cannot load data '{spec}': no such file, folder or reachable dataset "
+                         f"({type(exc).__name__})") from exc
+    if text_field not in ds.column_names:
+        raise UsageError(f"dataset '{spec}' has no column '{text_field}' (set --text-field)")
+    return [str(v) for v in ds[text_field]]
+
+
+def load_documents(spec: str | None, *, part: str | None = None, text_field: str = "text") -> list[str]:
+    """Documents from a data spec, optionally restricted to one part of the disjoint split.
+
+    Args:
+        spec: None or "stdlib" (default code), "stdlib-prose", a file (.txt/.py/... read whole, .jsonl with
+            `text_field`, .parquet with column `text_field`), a glob, a folder (its text files), or a datasets
+            hub id (`name` or `name:split`).
+        part: "eval", "calib", "train" or None for every document.
+        text_field: the jsonl field / parquet column / dataset column that holds the text.
+    """
+    if part is not None and part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}")
+    if spec is None or spec == STDLIB:
+        return [_read_text(p) for p in stdlib_files(part)]
+    if spec == STDLIB_PROSE:
+        return _stdlib_prose(part)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        docs = _documents_from_file(path, text_field)
+    elif path.is_dir():
+        files = _files_under(path)
+        if not files:
+            raise UsageError(f"data folder '{spec}' holds no text files")
+        docs = [d for f in files for d in _documents_from_file(f, text_field)]
+    elif any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise UsageError(f"data glob '{spec}' matches no files")
+        docs = [d for f in files for d in _documents_from_file(f, text_field)]
+    elif spec.startswith((".", "/", "~")) or os.sep in spec and not _looks_like_hub_id(spec):
+        raise UsageError(f"data path '{spec}' does not exist")
+    else:
+        docs = _documents_from_hub(spec, text_field)
+    docs = [d for d in docs if d.strip()]
+    if part is not None:
+        docs = [d for d in docs if part_of(d) == part]
+    return docs
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith("/") and " " not in spec
+
+
+def iter_nonempty(docs: Iterable[str]) -> Iterable[str]:
+    return (d for d in docs if d.strip())

@@ -1,0 +1,1 @@
+"""The streaming block engine: a model skeleton on the meta device, one decoder block materialized at a time."""

@@ -1,0 +1,1 @@
+"""Quality measurement: perplexity over token windows, full-model or streamed block by block."""

@@ -1,0 +1,71 @@
+"""Perplexity with one documented protocol, computed two ways that must agree.
+
+Protocol: non-overlapping windows of `seq_len` tokens (see `lowrank_cli.data.windows`); inside each window
+every token after the first is predicted from the ones before it; perplexity = exp(sum NLL / tokens
+predicted), i.e. token-weighted over all windows, in float64.
+
+- `nll_full`: the whole model in memory (transformers' own forward).
+- `nll_streamed`: one decoder block in memory at a time (`lowrank_cli.engine.streamed`), for models larger
+  than memory. Same numbers up to floating-point reassociation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["NLL", "nll_full", "nll_streamed", "nll_of_logits"]
+
+
+@dataclass
+class NLL:
+    total: float  # summed negative log-likelihood, nats
+    tokens: int  # predicted tokens
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean)
+
+
+def nll_of_logits(logits, ids) -> float:
+    """Summed next-token NLL of one batch, in float32 softmax, accumulated in float64."""
+    import torch.nn.functional as F
+
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+    return float(nll.double())
+
+
+def nll_full(model, windows, batch_size: int = 1, progress=None) -> NLL:
+    """NLL of an in-memory model over [n, seq] windows."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start:start + batch_size].to(device)
+            total += nll_of_logits(model(input_ids=ids, use_cache=False).logits, ids)
+            count += ids[:, 1:].numel()
+            if progress:
+                progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
+    return NLL(total, count)
+
+
+def nll_streamed(streamed, windows, batch_size: int = 1, progress=None) -> NLL:
+    """NLL of a `StreamedModel`, one block materialized at a time."""
+    acts = streamed.capture(windows, batch_size)
+    for i in range(streamed.num_blocks):
+        streamed.load_block(i)
+        new = streamed.run_block(i, acts)
+        streamed.free_block(i)
+        acts.release()
+        acts = new
+        if progress:
+            progress(i + 1, streamed.num_blocks)
+    total, count = streamed.head_nll(acts, windows, batch_size)
+    acts.release()
+    return NLL(total, count)

@@ -1,0 +1,273 @@
+"""Write and load factorized checkpoints (lowrank format version 1).
+
+A factorized checkpoint is an ordinary HF checkpoint folder in which every factorized ``nn.Linear`` NAME
+(weight m x n) is stored as ``NAME.down.weight`` (r x n), ``NAME.up.weight`` (m x r) and, if the original had
+one, ``NAME.up.bias``; ``config.json`` carries a ``lowrank`` section (see ``lowrank_config``) and an
+``auto_map`` pointing at the self-contained ``modeling_lowrank.py`` written by ``write_modeling_file``, so that
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it without lowrank_cli.
+``load_model`` loads such a folder (or an ordinary one) with the toolkit's own copy of that code, without
+``trust_remote_code``.
+
+torch and transformers are imported inside the functions that need them (the CLI's ``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lowrank_cli.errors import UsageError
+
+__all__ = [
+    "MODELING_FILE",
+    "FORMAT_VERSION",
+    "CLASS_NAME",
+    "AUTO_MAP",
+    "causal_lm_class_name",
+    "modeling_file_text",
+    "write_modeling_file",
+    "lowrank_config",
+    "is_factorized",
+    "ranks_of",
+    "load_model",
+    "dense_weight",
+]
+
+MODELING_FILE = "modeling_lowrank.py"
+FORMAT_VERSION = 1
+CLASS_NAME = "LowRankForCausalLM"
+AUTO_MAP = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{CLASS_NAME}"}
+
+_TEMPLATE = Path(__file__).with_name("lowrank_modeling.py")
+_TAIL_MARK = "# --- appended by lowrank_cli.modeling.export"
+
+
+def causal_lm_class_name(model_type: str) -> str:
+    """Name of transformers' ``*ForCausalLM`` class for ``model_type`` (e.g. "llama" -> "LlamaForCausalLM")."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    if not name or not str(name).isidentifier():
+        raise UsageError(
+            f"model type {model_type!r} has no causal-LM class in this transformers version",
+            hint="factorized checkpoints are supported for transformers' own *ForCausalLM architectures",
+        )
+    return str(name)
+
+
+def _base_class(model_type: str):
+    import transformers
+
+    name = causal_lm_class_name(model_type)
+    try:
+        return getattr(transformers, name)
+    except (AttributeError, ImportError) as exc:
+        raise UsageError(f"transformers cannot import {name} (model type {model_type!r}): {exc}") from exc
+
+
+def modeling_file_text(model_type: str) -> str:
+    """The text of ``modeling_lowrank.py`` for ``model_type``: the template plus a tail naming the base class."""
+    name = causal_lm_class_name(model_type)
+    text = _TEMPLATE.read_text(encoding="utf-8")
+    if _TAIL_MARK in text:  # pragma: no cover - the template never carries a tail
+        raise RuntimeError(f"{_TEMPLATE} already carries an exporter tail")
+    return (
+        text.rstrip("\n")
+        + "\n\n\n"
+        + f"{_TAIL_MARK} (format version {FORMAT_VERSION}): the base class of this checkpoint ---\n"
+        + f"from transformers import {name} as _LowRankBase  # noqa: E402\n\n"
+        + f"{CLASS_NAME} = make_lowrank_class(_LowRankBase)\n"
+    )
+
+
+def write_modeling_file(out_dir: str | os.PathLike, model_type: str) -> Path:
+    """Write the self-contained ``modeling_lowrank.py`` for ``model_type`` into ``out_dir``; return its path.
+
+    The file imports only torch and transformers. It is written atomically (temp file + rename).
+    """
+    text = modeling_file_text(model_type)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / MODELING_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".modeling_lowrank.", suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _check_ranks(ranks: Any) -> dict[str, int]:
+    if not isinstance(ranks, dict) or not ranks:
+        raise UsageError("ranks must be a non-empty mapping of module name -> rank")
+    out: dict[str, int] = {}
+    for name, rank in ranks.items():
+        if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+            raise UsageError(f"bad module name in ranks: {name!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise UsageError(f"rank of {name!r} must be an integer >= 1, got {rank!r}")
+        out[name] = rank
+    return out
+
+
+def _tied_targets(model_type: str) -> set[str]:
+    """Parameter names the base class may tie to another parameter (normally {"lm_head.weight"})."""
+    tied = getattr(_base_class(model_type), "_tied_weights_keys", None) or {}
+    if isinstance(tied, dict):
+        return set(tied) | set(tied.values())
+    return set(tied)  # older list form
+
+
+def lowrank_config(config_dict: dict, ranks: dict[str, int], method: str) -> dict:
+    """A copy of ``config_dict`` (a config.json dict) marked as a factorized checkpoint. The input is not changed.
+
+    Sets ``lowrank = {"format_version": 1, "method": method, "ranks": ranks}`` (only factorized modules),
+    ``auto_map["AutoModelForCausalLM"]`` (other auto_map entries are kept) and
+    ``architectures = ["LowRankForCausalLM"]``.
+
+    If a factorized module holds a tied parameter (``lm_head`` on a model with tied embeddings), sets
+    ``tie_word_embeddings = False``: the head then has its own factors and must not be re-tied. The caller must
+    then write the ``lm_head`` factors **and the input embedding weight** (e.g. ``model.embed_tokens.weight``)
+    into the checkpoint: an ordinary tied checkpoint may store only one of the two, and the embedding is no
+    longer recoverable from the head.
+    """
+    if not isinstance(config_dict, dict):
+        raise UsageError(f"config_dict must be a dict, got {type(config_dict).__name__}")
+    if not isinstance(method, str) or not method:
+        raise UsageError("method must be a non-empty string")
+    model_type = config_dict.get("model_type")
+    causal_lm_class_name(model_type)  # the loader needs a native base class: fail now, not at load time
+    ranks = _check_ranks(ranks)
+
+    cfg = copy.deepcopy(config_dict)
+    cfg["lowrank"] = {"format_version": FORMAT_VERSION, "method": method, "ranks": dict(ranks)}
+    auto_map = dict(cfg.get("auto_map") or {})
+    auto_map.update(AUTO_MAP)
+    cfg["auto_map"] = auto_map
+    cfg["architectures"] = [CLASS_NAME]
+
+    tied = _tied_targets(model_type)
+    if any(p == n or p.startswith(n + ".") for n in ranks for p in tied):
+        cfg["tie_word_embeddings"] = False
+    return cfg
+
+
+def _section(config: Any) -> Any:
+    if isinstance(config, dict):
+        return config.get("lowrank")
+    return getattr(config, "lowrank", None)
+
+
+def is_factorized(config_dict: Any) -> bool:
+    """True if the config (config.json dict or transformers config) has a lowrank section with ranks."""
+    section = _section(config_dict)
+    return isinstance(section, dict) and bool(section.get("ranks"))
+
+
+def ranks_of(config_dict: Any) -> dict[str, int]:
+    """{module name: rank} of a factorized config; {} for an ordinary one."""
+    if not is_factorized(config_dict):
+        return {}
+    return dict(_section(config_dict)["ranks"])
+
+
+def _torch_dtype(dtype: Any):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(value, torch.dtype):
+            return value
+    raise UsageError(f"unknown dtype {dtype!r}", hint="use e.g. float32, bfloat16, float16 or auto")
+
+
+def load_model(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu", **kwargs: Any):
+    """Load a checkpoint folder as a causal LM, factorized or not, without ``trust_remote_code``.
+
+    Factorized checkpoints load through ``make_lowrank_class(<native base class>)`` from lowrank_cli's copy of
+    the modeling code (the same code the folder's ``modeling_lowrank.py`` carries), ordinary ones through
+    ``AutoModelForCausalLM``. ``dtype``: a torch dtype, its name, "auto", or None for transformers' default
+    (in transformers 5: the checkpoint's dtype). ``device``: where to load ("cpu", "cuda:0", ...). Extra
+    keyword arguments go to ``from_pretrained``. Returns the model in eval mode.
+
+    For a factorized checkpoint, a missing factor or a leftover dense weight of a factorized module raises
+    UsageError (transformers would only warn and initialise the factor at random).
+    """
+    folder = Path(path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise UsageError(f"'{folder}' is not a checkpoint folder (no config.json)")
+    try:
+        config_dict = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read '{cfg_file}': {exc}") from exc
+
+    kw: dict[str, Any] = dict(kwargs)
+    torch_dtype = _torch_dtype(dtype)
+    if torch_dtype is not None:
+        kw["dtype"] = torch_dtype
+    if device is not None and str(device) != "cpu":
+        kw.setdefault("device_map", {"": str(device)})
+
+    if not is_factorized(config_dict):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+        return model.eval()
+
+    from lowrank_cli.modeling.lowrank_modeling import lowrank_ranks, make_lowrank_class
+
+    try:
+        ranks = lowrank_ranks(config_dict)
+    except ValueError as exc:
+        raise UsageError(f"'{folder}': {exc}", hint="upgrade lowrank_cli") from exc
+    cls = make_lowrank_class(_base_class(config_dict.get("model_type")))
+    kw["output_loading_info"] = True
+    model, info = cls.from_pretrained(folder, **kw)
+
+    def owned(key: str) -> str | None:
+        for name in ranks:
+            if key.startswith(name + "."):
+                return name
+        return None
+
+    def is_factor(key: str) -> bool:
+        name = owned(key)
+        return name is not None and key[len(name) + 1 :].split(".", 1)[0] in ("up", "down")
+
+    missing = sorted(k for k in info.get("missing_keys", ()) if owned(k))
+    dense = sorted(k for k in info.get("unexpected_keys", ()) if owned(k) and not is_factor(k))
+    if missing or dense:
+        problems = []
+        if missing:
+            problems.append(f"missing factors {missing[:4]}")
+        if dense:
+            problems.append(f"dense weights of factorized modules {dense[:4]}")
+        raise UsageError(
+            f"'{folder}' does not match its lowrank ranks: " + "; ".join(problems),
+            hint="the checkpoint was written incompletely or config.json was edited",
+        )
+    return model.eval()
+
+
+def dense_weight(up: Any, down: Any):
+    """``up @ down`` computed in float32 and returned in the factors' dtype (``up``'s dtype).
+
+    Accepts tensors or modules with a ``.weight`` (e.g. the ``up`` / ``down`` linears of a LowRankLinear).
+    """
+    up_w = getattr(up, "weight", up)
+    down_w = getattr(down, "weight", down)
+    if up_w.dim() != 2 or down_w.dim() != 2 or up_w.shape[1] != down_w.shape[0]:
+        raise ValueError(f"factor shapes do not chain: up {tuple(up_w.shape)}, down {tuple(down_w.shape)}")
+    return (up_w.float() @ down_w.float()).to(up_w.dtype)
