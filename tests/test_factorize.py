@@ -1,4 +1,4 @@
-"""Closed-form factorizations (lowrank_cli.methods.decompose.factorize) against brute-force references.
+"""Closed-form factorizations (methods.decompose.factorize) against brute-force references.
 
 Notation as in the module: W is m x n, X holds one token per row, the error of factors (up, down) is
 ||(W - up @ down) X^T||_F^2.
@@ -47,7 +47,7 @@ def _eckart_young(w: torch.Tensor, x: torch.Tensor, r: int) -> float:
 
 
 def _als(w: torch.Tensor, x: torch.Tensor, r: int, seed: int, iters: int = 400) -> float:
-    """A generic numerical minimiser over B (m x r), A (r x n): alternating least squares from random."""
+    """A generic numerical minimiser over B (m x r), A (r x n): alternating least squares."""
     gram = x.T @ x
     b = torch.randn(w.shape[0], r, generator=torch.Generator().manual_seed(seed), dtype=F64)
     for _ in range(iters):
@@ -183,8 +183,8 @@ def test_factors_keep_the_weight_dtype(dtype: torch.dtype) -> None:
     assert up.dtype == dtype and down.dtype == dtype
     assert up.shape == (8, 4) and down.shape == (4, 12)
     # `up` stays orthonormal (no balancing), so its scale is O(1) whatever W's scale is.
-    eye = torch.eye(4, dtype=F64)
-    assert torch.allclose(up.to(F64).T @ up.to(F64), eye, atol=2e-2 if dtype != torch.float32 else 1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(up.to(F64).T @ up.to(F64), torch.eye(4, dtype=F64), atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -244,7 +244,8 @@ def test_bad_inputs() -> None:
 
 
 def test_rank_for_error() -> None:
-    spectrum = Spectrum(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=F64), torch.eye(4, dtype=F64), 10.0)
+    eigvals = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=F64)
+    spectrum = Spectrum(eigvals, torch.eye(4, dtype=F64), 10.0)
     assert spectrum.tails().tolist() == [10.0, 6.0, 3.0, 1.0, 0.0]
     assert spectrum.rank_for_error(1.0) == 0
     assert spectrum.rank_for_error(0.3) == 2

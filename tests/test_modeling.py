@@ -240,6 +240,27 @@ def test_remote_code_and_load_model_match_reference(model_type, tmp_path):
     torch.testing.assert_close(logits_of(own), got, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("loader", ["load_model", "remote"])
+def test_save_pretrained_of_loaded_model_is_a_complete_checkpoint(loader, tmp_path):
+    model = tiny_model("llama", tie_word_embeddings=True)
+    ranks = {"lm_head": 16, **RANKS["llama"]}
+    reference = write_factorized(model, ranks, tmp_path / "ckpt", method="svd-llm")
+    expected = logits_of(reference)
+    loaded = export.load_model(tmp_path / "ckpt") if loader == "load_model" else remote_load(tmp_path / "ckpt")[0]
+    loaded.save_pretrained(tmp_path / "saved")
+
+    assert (tmp_path / "saved" / export.MODELING_FILE).is_file()
+    cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert cfg["lowrank"] == {"format_version": 1, "method": "svd-llm", "ranks": ranks}
+    assert cfg["auto_map"] == export.AUTO_MAP and cfg["architectures"] == ["LowRankForCausalLM"]
+    assert cfg["tie_word_embeddings"] is False
+    again, info = remote_load(tmp_path / "saved")
+    assert_clean_load(info)
+    assert lowrank_modules(again) == ranks
+    torch.testing.assert_close(logits_of(again), expected, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(logits_of(export.load_model(tmp_path / "saved")), expected, atol=ATOL, rtol=ATOL)
+
+
 def test_load_model_reads_ordinary_checkpoint(tmp_path):
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "plain")
@@ -459,14 +480,21 @@ def test_same_basename_folders_do_not_share_stale_code(tmp_path, _isolated_modul
     torch.testing.assert_close(logits_of(m3), logits_of(other_ref), atol=ATOL, rtol=ATOL)
 
     # the file in a folder changes (re-export by a newer version): the new text is what runs
+    marked = []
     for marker in ("first", "second"):
         path = export.write_modeling_file(llama_dir, "llama")
         path.write_text(path.read_text() + f"\nLOWRANK_TEST_MARKER = {marker!r}\n")
         m, _ = remote_load(llama_dir)
         assert sys.modules[type(m).__module__].LOWRANK_TEST_MARKER == marker
-    copies = list(Path(_isolated_modules_cache).rglob(export.MODELING_FILE))
-    assert all(str(_isolated_modules_cache) in str(p) for p in copies) and len(copies) >= 4
-    assert not list(REPO.rglob("transformers_modules"))
+        marked.append(type(m).__module__)
+
+    # module names: transformers_modules.<folder basename>.<hash of the file text>.modeling_lowrank
+    names = [type(m).__module__ for m in (m1, m2, m3)] + marked
+    assert all(n.startswith("transformers_modules.ckpt.") and n.endswith(".modeling_lowrank") for n in names)
+    assert names[0] == names[2]  # same text -> same module (harmless: ranks come from the config)
+    assert len({names[0], names[1], *marked}) == 4  # different text -> different module
+    assert (Path(_isolated_modules_cache) / "transformers_modules" / "ckpt").is_dir()
+    assert not (REPO / "transformers_modules").exists() and not (REPO / "tests" / "transformers_modules").exists()
 
 
 # ------------------------------------------------------------------------------------ unit tests

@@ -64,19 +64,22 @@ app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_command)
 def main() -> None:
     """Entry point. Click's own usage errors (unknown option, bad value) exit 2; with --json they also
     print the JSON error object, so pipelines always get one JSON document."""
-    import click
+    try:  # typer >= 0.29 vendors click as typer._click
+        from typer._click import exceptions as click_errors
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions as click_errors
 
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        result = app(standalone_mode=False)
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except click_errors.ClickException as exc:
         command = sys.argv[1] if len(sys.argv) > 1 else ""
         if "--json" in sys.argv:
             json_error(command, "usage", exc.format_message(), exc.exit_code)
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (KeyboardInterrupt, typer.Abort):
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
-    sys.exit(0)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -33,6 +33,7 @@ __all__ = [
     "lowrank_config",
     "is_factorized",
     "ranks_of",
+    "lowrank_class",
     "load_model",
     "dense_weight",
 ]
@@ -192,6 +193,40 @@ def _torch_dtype(dtype: Any):
     raise UsageError(f"unknown dtype {dtype!r}", hint="use e.g. float32, bfloat16, float16 or auto")
 
 
+def _after_save(model: Any, save_directory: str | os.PathLike) -> None:
+    """save_pretrained hook of lowrank_cli's LowRankForCausalLM: complete the folder as a format-1 checkpoint.
+
+    save_pretrained writes the factor weights and the config (with its lowrank section); this rewrites
+    config.json through ``lowrank_config`` (auto_map, architectures, tie flag) and writes modeling_lowrank.py.
+    """
+    from lowrank_cli.modeling.lowrank_modeling import lowrank_ranks
+
+    ranks = lowrank_ranks(model.config)
+    if not ranks:
+        return
+    folder = Path(save_directory)
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    method = (cfg.get("lowrank") or {}).get("method") or "unknown"
+    cfg = lowrank_config(cfg, ranks, method)
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_modeling_file(folder, cfg["model_type"])
+
+
+def lowrank_class(model_type: str):
+    """lowrank_cli's ``LowRankForCausalLM`` for ``model_type`` (no remote code).
+
+    Its ``save_pretrained`` writes a complete factorized checkpoint (config with auto_map, and
+    modeling_lowrank.py), so the folder loads again with ``trust_remote_code=True``.
+    """
+    from lowrank_cli.modeling.lowrank_modeling import make_lowrank_class
+
+    cls = make_lowrank_class(_base_class(model_type))
+    if cls._lowrank_after_save is None:
+        cls._lowrank_after_save = staticmethod(_after_save)
+    return cls
+
+
 def load_model(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu", **kwargs: Any):
     """Load a checkpoint folder as a causal LM, factorized or not, without ``trust_remote_code``.
 
@@ -226,13 +261,13 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu
         model = AutoModelForCausalLM.from_pretrained(folder, **kw)
         return model.eval()
 
-    from lowrank_cli.modeling.lowrank_modeling import lowrank_ranks, make_lowrank_class
+    from lowrank_cli.modeling.lowrank_modeling import lowrank_ranks
 
     try:
         ranks = lowrank_ranks(config_dict)
     except ValueError as exc:
         raise UsageError(f"'{folder}': {exc}", hint="upgrade lowrank_cli") from exc
-    cls = make_lowrank_class(_base_class(config_dict.get("model_type")))
+    cls = lowrank_class(config_dict.get("model_type"))
     kw["output_loading_info"] = True
     model, info = cls.from_pretrained(folder, **kw)
 

@@ -217,6 +217,10 @@ def make_lowrank_class(base_cls):
         return cached
 
     class LowRankForCausalLM(base_cls):
+        # Called as hook(model, save_directory) after save_pretrained. transformers itself copies this file
+        # into the save folder for remote-code loads; lowrank_cli sets a hook on its own copy of the class.
+        _lowrank_after_save = None
+
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             ranks = lowrank_ranks(config)
@@ -243,6 +247,13 @@ def make_lowrank_class(base_cls):
             # own _init_weights is used by transformers instead of this class's.
             with _InitPlaceholders(self.modules()):
                 return super().initialize_weights(*args, **kwargs)
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+            hook = type(self)._lowrank_after_save
+            if hook is not None and kwargs.get("is_main_process", True):
+                hook(self, save_directory)
+            return result
 
         def _init_weights(self, module):
             if isinstance(module, LowRankLinear):

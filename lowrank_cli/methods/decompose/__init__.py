@@ -1,1 +1,1 @@
-"""`lowrank decompose`: factorize linear layers into two low-rank linears (LoRD / whitened SVD, plain SVD)."""
+"""`lowrank decompose`: factorize linear layers into two low-rank linears (LoRD, plain SVD)."""

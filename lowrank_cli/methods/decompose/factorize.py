@@ -1,18 +1,19 @@
 """Closed-form low-rank factors of one linear layer: the data-aware optimum (LoRD) and plain SVD.
 
-Notation: a layer y = W x + b with W m x n (out x in, the `nn.Linear` weight); calibration inputs X have
-one token per row and G = X^T X is the n x n input Gram. A rank-r factorisation W ~ up @ down has `up`
-m x r and `down` r x n, stored as two `nn.Linear` (down: n -> r without bias, up: r -> m with the bias).
+Notation: a layer y = W x + b with W m x n (out x in, the `nn.Linear` weight); calibration inputs
+X have one token per row and G = X^T X is the n x n input Gram. A rank-r factorisation
+W ~ up @ down has `up` m x r and `down` r x n, stored as two `nn.Linear` (down: n -> r without
+bias, up: r -> m with the original bias).
 
-The data-aware optimum (design/decomposition.md §2): the rank-r W' minimising ||(W - W') X^T||_F is
-W' = U_r U_r^T W, where U_r holds the top-r eigenvectors of M = W G W^T (the left singular vectors of
-W X^T). LoRD/AFM (output-covariance eigenvectors) and SVD-LLM (truncation-aware whitening) reach the
-same W'. This formulation needs no Cholesky and no inverse, so rank-deficient Grams are fine, and the
-error at every rank is the sum of the eigenvalues past it: one decomposition gives the whole
-error-versus-rank curve that rank allocation (`allocate.py`) consumes.
+The data-aware optimum (design/decomposition.md §2): the rank-r W' minimising ||(W - W') X^T||_F
+is W' = U_r U_r^T W, where U_r holds the top-r eigenvectors of M = W G W^T (the left singular
+vectors of W X^T). LoRD/AFM (output-covariance eigenvectors) and SVD-LLM (truncation-aware
+whitening) reach the same W'. This form needs no Cholesky and no inverse, so rank-deficient Grams
+are fine, and the error at every rank is the sum of the eigenvalues past it: one decomposition
+gives the whole error-versus-rank curve that rank allocation (`allocate.py`) consumes.
 
-Everything is computed in float64: the eigenvalues of M are the *squares* of the singular values of
-W X^T, so the small tail that decides the error at high rank needs the extra precision.
+Everything is computed in float64: the eigenvalues of M are the *squares* of the singular values
+of W X^T, so the small tail that decides the error at high rank needs the extra precision.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ __all__ = [
     "relative_error",
 ]
 
-# Tokens cast to float64 per step in `accumulate_gram`: bounds the float64 copy of a large activation
-# batch (tokens x n x 8 bytes) while keeping each matmul big enough to run at full speed.
+# Tokens cast to float64 per step in `accumulate_gram`: bounds the float64 copy of a large
+# activation batch (tokens x n x 8 bytes) while keeping each matmul big enough to run at full speed.
 _GRAM_CHUNK_ROWS = 8192
 
 
@@ -45,8 +46,8 @@ def accumulate_gram(gram: Tensor | None, x: Tensor) -> Tensor:
     """Add the input Gram x^T x of one batch of activations to a running float64 Gram.
 
     Args:
-        gram: The running n x n float64 Gram, or None to start one. It is updated in place (a Gram of
-            a wide MLP input is ~1 GB in float64, so no copy is made) and returned.
+        gram: The running n x n float64 Gram, or None to start one. It is updated in place (the
+            Gram of a wide MLP input is ~1 GB in float64, so no copy is made) and returned.
         x: Activations of shape (..., n) in any float dtype; every leading index is one token.
 
     Returns:
@@ -56,7 +57,7 @@ def accumulate_gram(gram: Tensor | None, x: Tensor) -> Tensor:
         ValueError: If x is not floating point or does not match the Gram's size.
     """
     if not x.is_floating_point() or x.ndim < 1:
-        raise ValueError(f"activations must be a floating-point tensor (..., n), got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(f"activations must be a float tensor (..., n), got {x.dtype} {x.ndim}-D")
     n = x.shape[-1]
     rows = x.reshape(-1, n)
     if gram is None:
@@ -78,7 +79,8 @@ class Spectrum:
     Attributes:
         eigvals: float64, descending, >= 0, length k = min(m, n): the energy along each direction.
         basis: m x k float64 with orthonormal columns, in the same order as `eigvals`.
-        total: Sum of all eigvals (= ||W X^T||_F^2 on the calibration data, or ||W||_F^2 for plain SVD).
+        total: Sum of all eigvals: ||W X^T||_F^2 on the calibration data (plus damping), or
+            ||W||_F^2 for plain SVD.
     """
 
     eigvals: Tensor
@@ -91,7 +93,7 @@ class Spectrum:
         return int(self.eigvals.numel())
 
     def tails(self) -> Tensor:
-        """Squared output error at every rank: a float64 tensor of length k + 1, tails[r] for r = 0..k."""
+        """Squared output error at every rank: float64, length k + 1, tails[r] for r = 0..k."""
         # Summed from the smallest eigenvalue up, so that small tails keep their relative precision
         # instead of being the difference of two large partial sums.
         rev = torch.cumsum(self.eigvals.flip(0), dim=0).flip(0)
@@ -103,7 +105,7 @@ class Spectrum:
         return float(self.tails()[r])
 
     def rank_for_error(self, max_relative_error: float) -> int:
-        """Smallest rank whose relative error tail(r) / total is at most `max_relative_error` (0..k)."""
+        """Smallest rank r (0..k) whose tail(r) / total is at most `max_relative_error`."""
         if not 0.0 <= max_relative_error <= 1.0:
             raise UsageError(f"a relative error budget must be in [0, 1], got {max_relative_error}")
         ok = self.tails() <= max_relative_error * self.total
@@ -112,7 +114,7 @@ class Spectrum:
 
 def _check_weight(weight: Tensor) -> tuple[int, int]:
     if weight.ndim != 2 or not weight.is_floating_point():
-        raise ValueError(f"weight must be a 2-D float tensor, got {weight.dtype} {tuple(weight.shape)}")
+        raise ValueError(f"weight must be a 2-D float tensor, got {weight.dtype} {weight.ndim}-D")
     return int(weight.shape[0]), int(weight.shape[1])
 
 
@@ -164,8 +166,8 @@ def data_spectrum(weight: Tensor, gram: Tensor, damp: float = 0.0) -> Spectrum:
         vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))
         vals, vecs = vals.flip(0), vecs.flip(1)
     else:
-        # n x n problem: W S with S = G'^{1/2} = V diag(sqrt(lam)) V^T. The trailing V^T is orthogonal
-        # and does not change the left singular vectors, so W V diag(sqrt(lam)) is enough.
+        # n x n problem: W S with S = G'^{1/2} = V diag(sqrt(lam)) V^T. The trailing V^T is
+        # orthogonal and leaves the left singular vectors alone, so W V diag(sqrt(lam)) is enough.
         lam, v = torch.linalg.eigh(g)
         ws = (w @ v) * lam.clamp_min(0.0).sqrt()
         vecs, s, _ = torch.linalg.svd(ws, full_matrices=False)
@@ -191,7 +193,7 @@ def weight_spectrum(weight: Tensor) -> Spectrum:
 
 
 def factors_from_spectrum(weight: Tensor, spectrum: Spectrum, rank: int) -> tuple[Tensor, Tensor]:
-    """The rank-r factors up = U_r (m x r) and down = U_r^T W (r x n), so that up @ down = U_r U_r^T W.
+    """Rank-r factors up = U_r (m x r) and down = U_r^T W (r x n): up @ down = U_r U_r^T W.
 
     Args:
         weight: The m x n layer weight the spectrum was computed from.
@@ -219,8 +221,13 @@ def factors_from_spectrum(weight: Tensor, spectrum: Spectrum, rank: int) -> tupl
     )
 
 
-def lord_factors(weight: Tensor, gram: Tensor, rank: int, damp: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Data-aware rank-r factors (up, down) minimising ||(W - up @ down) X^T||_F; see `data_spectrum`."""
+def lord_factors(
+    weight: Tensor, gram: Tensor, rank: int, damp: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Data-aware rank-r factors (up, down) minimising ||(W - up @ down) X^T||_F.
+
+    See `data_spectrum` for the arguments; rank is 1..min(m, n).
+    """
     return factors_from_spectrum(weight, data_spectrum(weight, gram, damp), rank)
 
 
@@ -230,6 +237,6 @@ def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def relative_error(spectrum: Spectrum, r: int) -> float:
-    """tail(r) / total: the fraction of output energy lost at rank r (0.0 for a layer with no energy)."""
+    """tail(r) / total: the fraction of output energy lost at rank r (0.0 for a zero spectrum)."""
     tail = spectrum.tail(r)
     return tail / spectrum.total if spectrum.total > 0.0 else 0.0

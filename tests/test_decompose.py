@@ -1,0 +1,156 @@
+"""`lowrank decompose` end to end on tiny checkpoints: outputs reload with plain transformers and match
+the project's own loader; budgets, dry-run and bad input behave as documented."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowrank_cli.cli.app import app
+
+runner = CliRunner()
+FAST = ["--calib-samples", "4", "--seq-len", "64", "--eval-tokens", "256"]
+
+
+def decompose(*args):
+    result = runner.invoke(app, ["decompose", *args, "--json"])
+    lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stdout + result.stderr
+    return result.exit_code, json.loads(lines[0]), result
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bigcode"])
+def test_factorized_output_reloads_with_trust_remote_code(fixture, request, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lowrank_cli.modeling.export import load_model
+
+    src = request.getfixturevalue(fixture)
+    out = tmp_path / "out"
+    code, doc, result = decompose(str(src), "-o", str(out), "--params-ratio", "0.6", *FAST)
+    assert code == 0, result.stderr
+    assert doc["params"]["targeted_after"] < doc["params"]["targeted_before"]
+    assert doc["params"]["model_after"] == doc["params"]["model_before"] - (
+        doc["params"]["targeted_before"] - doc["params"]["targeted_after"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["lowrank"]["ranks"] == doc["ranks"] and doc["ranks"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lowrank.LowRankForCausalLM"
+    assert (out / "lowrank.json").is_file() and (out / "tokenizer.json").is_file()
+
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    ours = load_model(out, dtype=torch.float32)
+    n_params = sum(p.numel() for p in remote.parameters())
+    assert n_params == doc["params"]["model_after"]
+    ids = torch.randint(0, 512, (2, 24))
+    torch.testing.assert_close(logits_of(remote, ids), logits_of(ours, ids))
+    # the factors, multiplied back, are what the evaluation measured: re-evaluating gives the same ppl
+    ev = runner.invoke(app, ["eval", str(out), "--seq-len", "64", "--max-tokens", "256", "--json"])
+    assert json.loads(ev.stdout)["perplexity"] == pytest.approx(doc["perplexity"]["final"], rel=1e-4)
+
+
+def test_dense_format_is_a_standard_checkpoint(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fact, dense = tmp_path / "f", tmp_path / "d"
+    assert decompose(str(tiny_llama), "-o", str(fact), "--rank", "16", *FAST)[0] == 0
+    code, doc, _ = decompose(str(tiny_llama), "-o", str(dense), "--rank", "16", "--format", "dense", *FAST)
+    assert code == 0
+    config = json.loads((dense / "config.json").read_text())
+    assert "lowrank" not in config and "auto_map" not in config
+    assert not (dense / "modeling_lowrank.py").exists()
+    plain = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    assert all(type(m).__name__ != "LowRankLinear" for m in plain.modules())
+    factored = AutoModelForCausalLM.from_pretrained(fact, trust_remote_code=True, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 20))
+    torch.testing.assert_close(logits_of(plain, ids), logits_of(factored, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_rank_budget_and_break_even(tiny_llama, tmp_path):
+    # hidden 64 / intermediate 128: break-even ranks are 32 (64x64), 42 (128x64) and 16 (k/v: 32x64 -> 21)
+    code, doc, _ = decompose(str(tiny_llama), "-o", str(tmp_path / "o"), "--rank", "24", *FAST)
+    assert code == 0
+    for name, rank in doc["ranks"].items():
+        assert rank == 24
+    assert any("k_proj" in n for n in doc["dense_layers"])  # 24 >= 21.3: factorizing saves nothing
+
+
+def test_dry_run_writes_nothing(tiny_bigcode, tmp_path):
+    out = tmp_path / "out"
+    code, doc, _ = decompose(str(tiny_bigcode), "-o", str(out), "--rank", "8", "--dry-run", "--seq-len", "64")
+    assert code == 0 and doc["dry_run"] is True
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+    assert {row["layer"] for row in doc["plan"]} == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    assert doc["memory"]["total"] > 0
+
+
+def test_targets_select_layers(tiny_bigcode, tmp_path):
+    code, doc, _ = decompose(str(tiny_bigcode), "-o", str(tmp_path / "o"), "--params-ratio", "0.5",
+                             "--targets", "mlp.*", *FAST)
+    assert code == 0
+    assert doc["ranks"] and all(".mlp." in n for n in doc["ranks"])
+    assert doc["params"]["targeted_layers"] == 4
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--target-ppl-increase", "-1%"], "target-ppl-increase"),
+    (["--target-ppl-increase", "100%"], "target-ppl-increase"),
+    (["--target-ppl-increase", "abc"], "percentage"),
+    (["--params-ratio", "0"], "params-ratio"),
+    (["--params-ratio", "1.5"], "params-ratio"),
+    (["--params-ratio", "0.5", "--rank", "8"], "only one budget"),
+    (["--rank", "8", "--targets", "nothing_like_this"], "matches no linear"),
+    (["--rank", "0"], "rank"),
+    (["--rank", "8", "--method", "magic"], "method"),
+])
+def test_bad_input_exits_2_and_writes_nothing(args, needle, tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    code, doc, result = decompose(str(tiny_llama), "-o", str(out), *args, *FAST)
+    assert code == 2, result.stderr
+    assert needle in doc["error"]["message"]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_model_without_linear_layers_exits_2(tmp_path, tokenizer_dir):
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=512)).save_pretrained(tmp_path / "g")
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, tmp_path / "g" / f.name)
+    code, doc, _ = decompose(str(tmp_path / "g"), "-o", str(tmp_path / "o"), "--rank", "8", *FAST)
+    assert code == 2 and "no nn.Linear" in doc["error"]["message"]
+
+
+def test_nonempty_output_refused(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, doc, _ = decompose(str(tiny_llama), "-o", str(out), "--rank", "8", *FAST)
+    assert code == 2 and "not empty" in doc["error"]["message"]
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_unreachable_budget_exits_3_and_writes_nothing(tmp_path):
+    # A trained model loses quality under any compression, so a 0% budget cannot be met.
+    out = tmp_path / "out"
+    code, doc, result = decompose("demo", "-o", str(out), "--target-ppl-increase", "0%", "--search-steps",
+                                  "2", "--allocation", "error", *FAST)
+    assert code == 3, result.stderr
+    assert doc["error"]["type"] == "budget" and "closest" in doc["error"]["message"]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_input_is_never_modified(tiny_bigcode, tmp_path):
+    before = {p.name: p.read_bytes() for p in tiny_bigcode.iterdir()}
+    assert decompose(str(tiny_bigcode), "-o", str(tmp_path / "o"), "--rank", "8", *FAST)[0] == 0
+    assert {p.name: p.read_bytes() for p in tiny_bigcode.iterdir()} == before
