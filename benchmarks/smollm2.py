@@ -39,7 +39,11 @@ def smollm2_path(target: Path = DEFAULT) -> Path:
     gguf = gguf_file()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # the weights are dequantized floats now: the GGUF quantization record no longer describes them
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp, max_shard_size="200MB")

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import tempfile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers copies remote-code modeling files into this cache; keep the tests' copies out of ~/.cache
+os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="lowrank-test-modules-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 512

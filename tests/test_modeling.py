@@ -19,9 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-
-transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForCausalLM,
     GPTBigCodeConfig,
     GPTBigCodeForCausalLM,
@@ -31,9 +29,9 @@ from transformers import (  # noqa: E402
     Qwen2Config,
 )
 
-from lowrank_cli.errors import UsageError  # noqa: E402
-from lowrank_cli.modeling import export  # noqa: E402
-from lowrank_cli.modeling import lowrank_modeling as lm  # noqa: E402
+from lowrank_cli.errors import UsageError
+from lowrank_cli.modeling import export
+from lowrank_cli.modeling import lowrank_modeling as lm
 
 REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -98,7 +96,9 @@ def bigcode_config(**kw):
     )
 
 
-CONFIGS = {"llama": llama_config, "mistral": mistral_config, "qwen2": qwen2_config, "gpt_bigcode": bigcode_config}
+CONFIGS = {
+    "llama": llama_config, "mistral": mistral_config, "qwen2": qwen2_config, "gpt_bigcode": bigcode_config,
+}
 
 # Modules to factorize per model type, with ranks below min(m, n) so truncation really changes the model.
 RANKS = {
@@ -191,7 +191,7 @@ def remote_load(path: Path, **kw):
 
 
 def lowrank_modules(model) -> dict[str, int]:
-    """{name: rank} of the factorized modules, found by class name (the remote class is a different object)."""
+    """{name: rank} of the factorized modules, by class name (the remote class is a different object)."""
     return {n: m.rank for n, m in model.named_modules() if type(m).__name__ == "LowRankLinear"}
 
 
@@ -246,7 +246,8 @@ def test_save_pretrained_of_loaded_model_is_a_complete_checkpoint(loader, tmp_pa
     ranks = {"lm_head": 16, **RANKS["llama"]}
     reference = write_factorized(model, ranks, tmp_path / "ckpt", method="svd-llm")
     expected = logits_of(reference)
-    loaded = export.load_model(tmp_path / "ckpt") if loader == "load_model" else remote_load(tmp_path / "ckpt")[0]
+    ckpt = tmp_path / "ckpt"
+    loaded = export.load_model(ckpt) if loader == "load_model" else remote_load(ckpt)[0]
     loaded.save_pretrained(tmp_path / "saved")
 
     assert (tmp_path / "saved" / export.MODELING_FILE).is_file()
@@ -258,7 +259,8 @@ def test_save_pretrained_of_loaded_model_is_a_complete_checkpoint(loader, tmp_pa
     assert_clean_load(info)
     assert lowrank_modules(again) == ranks
     torch.testing.assert_close(logits_of(again), expected, atol=ATOL, rtol=ATOL)
-    torch.testing.assert_close(logits_of(export.load_model(tmp_path / "saved")), expected, atol=ATOL, rtol=ATOL)
+    own = export.load_model(tmp_path / "saved")
+    torch.testing.assert_close(logits_of(own), expected, atol=ATOL, rtol=ATOL)
 
 
 def test_load_model_reads_ordinary_checkpoint(tmp_path):
@@ -279,7 +281,8 @@ def test_load_model_rejects_checkpoint_that_does_not_match_ranks(tmp_path):
 
     state = load_file(str(out / "model.safetensors"))
     del state["model.layers.0.self_attn.q_proj.down.weight"]
-    state["model.layers.0.self_attn.q_proj.weight"] = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    dense = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    state["model.layers.0.self_attn.q_proj.weight"] = dense
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UsageError, match="does not match its lowrank ranks") as err:
         export.load_model(out)
@@ -431,7 +434,9 @@ def test_plain_checkpoint_still_loads_after_remote_code_load(tmp_path):
 
     # Even if transformers routed the plain config to the remote class (it registers it for non-native
     # config classes), that class must behave as the plain base class without a lowrank section.
-    via_remote_cls, info = remote_cls.from_pretrained(tmp_path / "plain", dtype=torch.float32, output_loading_info=True)
+    via_remote_cls, info = remote_cls.from_pretrained(
+        tmp_path / "plain", dtype=torch.float32, output_loading_info=True
+    )
     assert_clean_load(info)
     assert not lowrank_modules(via_remote_cls)
     torch.testing.assert_close(logits_of(via_remote_cls.eval()), expected, atol=1e-6, rtol=0)
@@ -453,14 +458,17 @@ def test_full_rank_factors_reproduce_dense_model(model_type, tmp_path):
     assert_clean_load(info)
     assert lowrank_modules(remote) == ranks
     torch.testing.assert_close(logits_of(remote), expected, atol=ATOL, rtol=ATOL)
-    torch.testing.assert_close(logits_of(export.load_model(tmp_path / "ckpt")), expected, atol=ATOL, rtol=ATOL)
+    own = export.load_model(tmp_path / "ckpt")
+    torch.testing.assert_close(logits_of(own), expected, atol=ATOL, rtol=ATOL)
 
 
 # ------------------------------------------------------------- transformers' dynamic-module cache
 
 
 def test_same_basename_folders_do_not_share_stale_code(tmp_path, _isolated_modules_cache):
-    """transformers 5 copies a local modeling file to HF_MODULES_CACHE/transformers_modules/<basename>/<hash>/."""
+    """transformers 5 copies a local modeling file to
+    HF_MODULES_CACHE/transformers_modules/<folder basename>/<hash of the file text>/ and imports it
+    from there."""
     # same basename, different model types (different file text) -> different base classes
     llama_dir, bigcode_dir = tmp_path / "a" / "ckpt", tmp_path / "b" / "ckpt"
     llama_ref = write_factorized(tiny_model("llama"), {"model.layers.0.self_attn.q_proj": 8}, llama_dir)
@@ -473,7 +481,9 @@ def test_same_basename_folders_do_not_share_stale_code(tmp_path, _isolated_modul
 
     # same basename, same file text, different ranks: the code is shared, the ranks come from each config
     other_dir = tmp_path / "c" / "ckpt"
-    other_ref = write_factorized(tiny_model("llama", seed=3), {"model.layers.0.self_attn.q_proj": 20}, other_dir)
+    other_ref = write_factorized(
+        tiny_model("llama", seed=3), {"model.layers.0.self_attn.q_proj": 20}, other_dir
+    )
     m3, _ = remote_load(other_dir)
     assert lowrank_modules(m3) == {"model.layers.0.self_attn.q_proj": 20}
     assert lowrank_modules(m1) == {"model.layers.0.self_attn.q_proj": 8}
@@ -494,7 +504,8 @@ def test_same_basename_folders_do_not_share_stale_code(tmp_path, _isolated_modul
     assert names[0] == names[2]  # same text -> same module (harmless: ranks come from the config)
     assert len({names[0], names[1], *marked}) == 4  # different text -> different module
     assert (Path(_isolated_modules_cache) / "transformers_modules" / "ckpt").is_dir()
-    assert not (REPO / "transformers_modules").exists() and not (REPO / "tests" / "transformers_modules").exists()
+    assert not (REPO / "transformers_modules").exists()
+    assert not (REPO / "tests" / "transformers_modules").exists()
 
 
 # ------------------------------------------------------------------------------------ unit tests
@@ -568,7 +579,8 @@ def test_bigcode_weight_init_never_touches_factors():
         if key != "transformer.h.0.attn.c_attn.weight":
             torch.testing.assert_close(after[key], before[key], atol=0, rtol=0, msg=key)
     # the pass really ran: the missing dense weight was initialised
-    assert not torch.equal(after["transformer.h.0.attn.c_attn.weight"], before["transformer.h.0.attn.c_attn.weight"])
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.equal(after[key], before[key])
     assert attn_proj._weight_placeholder is None  # the init-time placeholder is gone again
 
 

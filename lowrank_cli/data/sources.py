@@ -79,7 +79,7 @@ def _documents_from_file(path: Path, text_field: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         docs = []
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:  # as text files: never a crash
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -89,17 +89,21 @@ def _documents_from_file(path: Path, text_field: str) -> list[str]:
                     raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
                 if not isinstance(record, dict) or text_field not in record:
                     raise UsageError(f"{path}:{lineno}: no field '{text_field}' (set --text-field)")
-                docs.append(str(record[text_field]))
+                if record[text_field] is not None:  # null: no text (not the string "None")
+                    docs.append(str(record[text_field]))
         return docs
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise UsageError("reading .parquet needs pyarrow: pip install 'lowrank-cli[data]'") from exc
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            raise UsageError(f"{path}: not a readable parquet file ({type(exc).__name__})") from exc
         if text_field not in table.column_names:
             raise UsageError(f"{path}: no column '{text_field}' (set --text-field)")
-        return [str(v) for v in table.column(text_field).to_pylist()]
+        return [str(v) for v in table.column(text_field).to_pylist() if v is not None]
     return [_read_text(path)]
 
 

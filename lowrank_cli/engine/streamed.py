@@ -18,6 +18,7 @@ forward with each block replaced by a recorder. No per-architecture forward code
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 from lowrank_cli.engine.activations import Activations
@@ -180,7 +181,9 @@ class StreamedModel:
                     raise UsageError(f"checkpoint '{self.ckpt.path}' has no tensor '{full}'")
             if tensor.is_floating_point():
                 tensor = tensor.to(self.dtype)
-            set_module_tensor_to_device(module, local, self.device, value=tensor)
+            # dtype= keeps the tensor's dtype: without it accelerate casts the value back to the
+            # skeleton's (float32) dtype, silently ignoring --dtype and doubling the block's memory
+            set_module_tensor_to_device(module, local, self.device, value=tensor, dtype=tensor.dtype)
             self._count(tensor.numel() * tensor.element_size())
 
     def _tied_source(self, full: str):
@@ -211,6 +214,7 @@ class StreamedModel:
             if tensor.device.type != "meta":
                 self.resident_bytes -= tensor.numel() * tensor.element_size()
                 set_module_tensor_to_device(module, name, "meta")
+        _release_freed_memory()
 
     def load_block(self, i: int):
         block = self.blocks[i]
@@ -219,6 +223,9 @@ class StreamedModel:
 
     def free_block(self, i: int) -> None:
         self._free(self.blocks[i])
+        # Unmap the shards too: mmap'd pages that were read count as resident memory until unmapped,
+        # which would make the process's RSS grow with every block read.
+        self.ckpt.close()
 
     @contextlib.contextmanager
     def _outer_loaded(self):
@@ -236,7 +243,9 @@ class StreamedModel:
                 raise UsageError(f"checkpoint '{self.ckpt.path}' has no tensor '{name}'")
             if tensor.is_floating_point():
                 tensor = tensor.to(self.dtype)
-            set_module_tensor_to_device(module, local, self.device, value=tensor)
+            # dtype= keeps the tensor's dtype: without it accelerate casts the value back to the
+            # skeleton's (float32) dtype, silently ignoring --dtype and doubling the block's memory
+            set_module_tensor_to_device(module, local, self.device, value=tensor, dtype=tensor.dtype)
             self._count(tensor.numel() * tensor.element_size())
             loaded.append((module, local, tensor.numel() * tensor.element_size()))
         try:
@@ -245,6 +254,7 @@ class StreamedModel:
             for module, local, nbytes in loaded:
                 set_module_tensor_to_device(module, local, "meta")
                 self.resident_bytes -= nbytes
+            _release_freed_memory()
 
     @contextlib.contextmanager
     def _blocks_replaced(self, stand_ins):
@@ -316,6 +326,29 @@ class StreamedModel:
                 total += float(nll.double())
                 count += ids[:, 1:].numel()
         return total, count
+
+
+_MALLOC_TRIM = None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Weights converted to the compute dtype are anonymous allocations of a few MB each. Once one is freed,
+    glibc's dynamic mmap threshold serves the next ones from the heap, where freed blocks are kept rather
+    than returned: without a trim the process's resident memory grew by about a block per block."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+                pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def _is_persistent(module, buffer_name: str) -> bool:

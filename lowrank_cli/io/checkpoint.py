@@ -52,12 +52,26 @@ def read_header(path: Path) -> dict:
             header = json.loads(fh.read(length))
     except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"corrupt safetensors file '{path}': {exc}") from exc
+    if not isinstance(header, dict) or not all(
+            _entry_ok(v) for k, v in header.items() if k != "__metadata__"):
+        raise UsageError(f"corrupt safetensors file '{path}': the header is not a table of tensors")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise UsageError(
             f"truncated safetensors file '{path}': {size} bytes, its header needs {8 + length + end}"
         )
     return header
+
+
+def _entry_ok(meta) -> bool:
+    """A header entry as safetensors writes it: dtype, shape and [start, end] byte offsets."""
+    if not isinstance(meta, dict):
+        return False
+    offsets, shape = meta.get("data_offsets"), meta.get("shape")
+    return (isinstance(meta.get("dtype"), str) and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1])
 
 
 class Checkpoint:
@@ -90,9 +104,9 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise UsageError(f"corrupt shard index '{index}'") from exc
-            files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:
                 raise UsageError(f"'{self.path}' is missing shard file(s): {', '.join(missing[:3])}")

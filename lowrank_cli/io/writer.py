@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import INDEX_FILE, SINGLE_FILE
 
 __all__ = ["ShardWriter", "parse_size", "DEFAULT_SHARD_SIZE"]
@@ -21,21 +22,21 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_size(text: str | int) -> int:
-    """'500MB' -> 500_000_000 (decimal units as in transformers; KiB/MiB/GiB binary)."""
+    """'500MB' -> 500_000_000 (decimal units as in transformers; KiB/MiB/GiB binary). A size that is not
+    a positive number of bytes is a UsageError (it comes from --max-shard-size)."""
+    size = None
     if isinstance(text, int):
-        return text
-    s = text.strip().upper()
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if s.endswith(unit):
-            number = s[: -len(unit)].strip()
-            try:
-                return int(float(number) * _UNITS[unit])
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError as exc:
-        raise ValueError(f"not a size: '{text}' (use e.g. 500MB, 2GB)") from exc
+        size = text
+    else:
+        s = str(text).strip().upper()
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if s.endswith(u)), None)
+        try:
+            size = int(float(s[: -len(unit)].strip()) * _UNITS[unit]) if unit else int(s)
+        except (ValueError, OverflowError):  # "abc", "nanGB", "infGB"
+            size = None
+    if size is None or size <= 0:
+        raise UsageError(f"not a size: '{text}' (use e.g. 500MB, 2GB)")
+    return size
 
 
 class ShardWriter:

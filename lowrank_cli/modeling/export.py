@@ -3,8 +3,8 @@
 A factorized checkpoint is an ordinary HF checkpoint folder in which every factorized ``nn.Linear`` NAME
 (weight m x n) is stored as ``NAME.down.weight`` (r x n), ``NAME.up.weight`` (m x r) and, if the original had
 one, ``NAME.up.bias``; ``config.json`` carries a ``lowrank`` section (see ``lowrank_config``) and an
-``auto_map`` pointing at the self-contained ``modeling_lowrank.py`` written by ``write_modeling_file``, so that
-``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it without lowrank_cli.
+``auto_map`` pointing at the self-contained ``modeling_lowrank.py`` written by ``write_modeling_file``,
+so that ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it without lowrank_cli.
 ``load_model`` loads such a folder (or an ordinary one) with the toolkit's own copy of that code, without
 ``trust_remote_code``.
 
@@ -48,7 +48,7 @@ _TAIL_MARK = "# --- appended by lowrank_cli.modeling.export"
 
 
 def causal_lm_class_name(model_type: str) -> str:
-    """Name of transformers' ``*ForCausalLM`` class for ``model_type`` (e.g. "llama" -> "LlamaForCausalLM")."""
+    """Name of transformers' ``*ForCausalLM`` class for ``model_type`` ("llama" -> "LlamaForCausalLM")."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
@@ -73,7 +73,7 @@ def _base_class(model_type: str):
 
 
 def modeling_file_text(model_type: str) -> str:
-    """The text of ``modeling_lowrank.py`` for ``model_type``: the template plus a tail naming the base class."""
+    """The text of ``modeling_lowrank.py`` for ``model_type``: the template + a tail naming the base class."""
     name = causal_lm_class_name(model_type)
     text = _TEMPLATE.read_text(encoding="utf-8")
     if _TAIL_MARK in text:  # pragma: no cover - the template never carries a tail
@@ -129,17 +129,17 @@ def _tied_targets(model_type: str) -> set[str]:
 
 
 def lowrank_config(config_dict: dict, ranks: dict[str, int], method: str) -> dict:
-    """A copy of ``config_dict`` (a config.json dict) marked as a factorized checkpoint. The input is not changed.
+    """A copy of ``config_dict`` (a config.json dict) marked as a factorized checkpoint; the input is kept.
 
     Sets ``lowrank = {"format_version": 1, "method": method, "ranks": ranks}`` (only factorized modules),
     ``auto_map["AutoModelForCausalLM"]`` (other auto_map entries are kept) and
     ``architectures = ["LowRankForCausalLM"]``.
 
     If a factorized module holds a tied parameter (``lm_head`` on a model with tied embeddings), sets
-    ``tie_word_embeddings = False``: the head then has its own factors and must not be re-tied. The caller must
-    then write the ``lm_head`` factors **and the input embedding weight** (e.g. ``model.embed_tokens.weight``)
-    into the checkpoint: an ordinary tied checkpoint may store only one of the two, and the embedding is no
-    longer recoverable from the head.
+    ``tie_word_embeddings = False``: the head then has its own factors and must not be re-tied. The caller
+    must then write the ``lm_head`` factors **and the input embedding weight**
+    (e.g. ``model.embed_tokens.weight``) into the checkpoint: an ordinary tied checkpoint may store only one
+    of the two, and the embedding is no longer recoverable from the head.
     """
     if not isinstance(config_dict, dict):
         raise UsageError(f"config_dict must be a dict, got {type(config_dict).__name__}")
@@ -268,6 +268,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu
     except ValueError as exc:
         raise UsageError(f"'{folder}': {exc}", hint="upgrade lowrank_cli") from exc
     cls = lowrank_class(config_dict.get("model_type"))
+    want_info = bool(kw.pop("output_loading_info", False))
     kw["output_loading_info"] = True
     model, info = cls.from_pretrained(folder, **kw)
 
@@ -293,7 +294,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu
             f"'{folder}' does not match its lowrank ranks: " + "; ".join(problems),
             hint="the checkpoint was written incompletely or config.json was edited",
         )
-    return model.eval()
+    return (model.eval(), info) if want_info else model.eval()
 
 
 def dense_weight(up: Any, down: Any):

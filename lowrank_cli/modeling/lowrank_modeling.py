@@ -226,7 +226,7 @@ def make_lowrank_class(base_cls):
             ranks = lowrank_ranks(config)
             if ranks:
                 factorize_modules(self, ranks)
-                # post_init() ran inside super().__init__ with the dense modules: recompute what depends on them.
+                # post_init() ran in super().__init__ with the dense modules: recompute what depends on them.
                 self.all_tied_weights_keys = _drop_factorized_ties(
                     self, dict(getattr(self, "all_tied_weights_keys", None) or {})
                 )

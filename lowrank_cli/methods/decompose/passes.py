@@ -158,6 +158,8 @@ def profile_pass(streamed, calib, evalw, targets: list[Target], *, method: str, 
         acts_c, acts_e = new_c, new_e
         if keep_boundaries:
             boundaries.append(acts_c)
+        log.debug("profile: block %d/%d done after %.1fs", i + 1, streamed.num_blocks,
+                  time.perf_counter() - start)
         if progress:
             progress()
     baseline = NLL(*streamed.head_nll(acts_e, evalw, batch_size))
