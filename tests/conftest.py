@@ -8,11 +8,10 @@ saved sharded so every reader path (index, several files) is exercised.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
-
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # transformers copies remote-code modeling files into this cache; keep the tests' copies out of ~/.cache

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lowrank_cli.data.sources import (PARTS, load_documents, part_of, stdlib_files, stdlib_root)
+from lowrank_cli.data.sources import PARTS, load_documents, part_of, stdlib_files, stdlib_root
 from lowrank_cli.data.windows import cut_windows, fingerprint, token_stream, windows_from_documents
 from lowrank_cli.errors import UsageError
 

@@ -77,8 +77,7 @@ def test_rank_budget_and_break_even(tiny_llama, tmp_path):
     # hidden 64 / intermediate 128: break-even ranks are 32 (64x64), 42 (128x64) and 16 (k/v: 32x64 -> 21)
     code, doc, _ = decompose(str(tiny_llama), "-o", str(tmp_path / "o"), "--rank", "24", *FAST)
     assert code == 0
-    for name, rank in doc["ranks"].items():
-        assert rank == 24
+    assert doc["ranks"] and set(doc["ranks"].values()) == {24}
     assert any("k_proj" in n for n in doc["dense_layers"])  # 24 >= 21.3: factorizing saves nothing
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import build_checkpoint
+
 from lowrank_cli.engine.activations import Activations
 from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
 from lowrank_cli.errors import UsageError
@@ -184,7 +184,7 @@ def test_activations_store(tmp_path):
         for t in tensors:
             store.append(t.requires_grad_())
         assert len(store) == 2
-        assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(store, tensors))
+        assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(store, tensors, strict=True))
         assert store.nbytes() >= sum(t.numel() * 4 for t in tensors)
         store.calls = [["call"]]
         other = store.new_like()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from lowrank_cli.api.common import check_device
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
-from lowrank_cli.io.output import OutputDir, check_output_target
+from lowrank_cli.io.output import check_output_target
 from lowrank_cli.io.resolve import resolve_model
 from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
@@ -119,7 +119,9 @@ class DecomposeResult(Result):
         if self.dry_run:
             rows += [("dry run", "nothing written"), ("targeted layers", p.get("targeted_layers")),
                      ("targeted params", p.get("targeted_before")), ("model params", p.get("model_before")),
-                     ("est. peak memory", f"{self.memory.get('total', 0) / 2**20:.1f} MiB")]
+                     ("est. peak memory", f"{self.memory.get('total', 0) / 2**20:.1f} MiB"),
+                     ("est. output size", f"{self.memory['output']['bytes'] / 2**20:.1f} MiB "
+                                          f"({self.memory['output']['kind']})")]
             rows += [(f"  {r['layer']} x{r['count']}", f"{r['shape'][0]}x{r['shape'][1]}, break-even rank "
                       f"{r['break_even_rank']}") for r in self.plan]
             return rows

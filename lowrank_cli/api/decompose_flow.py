@@ -56,7 +56,7 @@ def run(model: str, path: Path, ckpt, opts, progress):
 
     from lowrank_cli.api.decompose import DecomposeResult
     from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
-    from lowrank_cli.methods.decompose.plan import estimate_peak_bytes, plan_summary
+    from lowrank_cli.methods.decompose.plan import estimate_output_bytes, estimate_peak_bytes, plan_summary
     from lowrank_cli.methods.decompose.targets import select_targets
 
     timer = Timer()
@@ -74,6 +74,8 @@ def run(model: str, path: Path, ckpt, opts, progress):
         vocab=cfg.vocab_size, compute_bytes=torch.finfo(dtype).bits // 8,
         calib_tokens=opts.calib_samples * opts.calib_seq_len, eval_tokens=opts.eval_tokens,
         seq_len=opts.calib_seq_len, batch_size=opts.batch_size, fisher=fisher)
+    memory["output"] = estimate_output_bytes(ckpt, targets, keep=opts.params_ratio, rank=opts.rank,
+                                             multiple=opts.rank_multiple)
     targeted_before = sum(t.params for t in targets)
     model_before = ckpt.num_params()
     budget = {"kind": opts.budget_kind(), "value": getattr(opts, opts.budget_kind())
@@ -106,8 +108,10 @@ def run(model: str, path: Path, ckpt, opts, progress):
 
     with timer("profile"):
         task, tick = block_task("profile")
+        need_curves = opts.allocation != "uniform" and opts.budget_kind() != "rank"
         profile = passes.profile_pass(streamed, calib, evalw, targets, method=opts.method, damp=opts.damp,
-                                      batch_size=opts.batch_size, keep_boundaries=fisher, progress=tick)
+                                      batch_size=opts.batch_size, keep_boundaries=fisher, curves=need_curves,
+                                      progress=tick)
         task.close()
     baseline = profile.baseline.perplexity
     log.info("baseline perplexity %.4f", baseline)

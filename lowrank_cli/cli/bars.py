@@ -24,8 +24,9 @@ class _Task:
 
 class RichProgress(Progress):
     def __init__(self):
+        self.console = Console(stderr=True)
         self.bars = _RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                                  TimeElapsedColumn(), console=self.console, transient=True)
         self.started = False
 
     def task(self, description: str, total: int | None):

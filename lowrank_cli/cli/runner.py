@@ -64,6 +64,18 @@ def _progress(json_mode: bool):
     return LogProgress()
 
 
+class _ConsoleStream:
+    def __init__(self, console):
+        self.console = console
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            self.console.print(text.rstrip("\n"), markup=False, highlight=False)
+
+    def flush(self) -> None:
+        pass
+
+
 def _clean(value):
     """JSON has no NaN/inf: they become null (a diverged perplexity is reported as such elsewhere)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -101,6 +113,9 @@ def run(command: str, job: Callable, *, json_mode: bool) -> None:
     """Call `job(progress)` -> Result; render it; map failures to exit codes."""
     _configure_logging(json_mode)
     progress = _progress(json_mode)
+    console = getattr(progress, "console", None)
+    if console is not None:  # log lines print above the live bars instead of through them
+        logging.getLogger("lowrank").handlers[0].stream = _ConsoleStream(console)
     log = logging.getLogger("lowrank")
     try:
         result = job(progress)

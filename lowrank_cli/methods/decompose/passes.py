@@ -131,8 +131,11 @@ class Profile:
 
 
 def profile_pass(streamed, calib, evalw, targets: list[Target], *, method: str, damp: float,
-                 batch_size: int, keep_boundaries: bool, progress=None) -> Profile:
+                 batch_size: int, keep_boundaries: bool, curves: bool = True, progress=None) -> Profile:
+    """`curves=False` skips the Grams and spectra (uniform or fixed ranks need none): baseline only."""
     start = time.perf_counter()
+    if not curves and not keep_boundaries:
+        calib = calib[:0]
     acts_c = streamed.capture(calib, batch_size)
     acts_e = streamed.capture(evalw, batch_size)
     boundaries = [acts_c] if keep_boundaries else None
@@ -140,8 +143,8 @@ def profile_pass(streamed, calib, evalw, targets: list[Target], *, method: str, 
     tails, relative = {}, {}
     for i in range(streamed.num_blocks):
         block = streamed.load_block(i)
-        mine = by_block.get(i, [])
-        with InputGrams(block, [t.local for t in mine]) as grams:
+        mine = by_block.get(i, []) if curves else []
+        with InputGrams(block, [t.local for t in mine if method != "svd"]) as grams:
             new_c = _run(block, acts_c, i, keep=True)
         for t in mine:
             weight = block.get_submodule(t.local).weight.detach()
@@ -150,6 +153,10 @@ def profile_pass(streamed, calib, evalw, targets: list[Target], *, method: str, 
             tails[t.name] = spec.tails()
             relative[t.name] = tails[t.name] / max(spec.total, 1e-300)
         del grams
+        if not curves:
+            for t in by_block.get(i, []):
+                tails[t.name] = torch.zeros(min(t.m, t.n) + 1, dtype=torch.float64)
+                relative[t.name] = tails[t.name]
         new_e = _run(block, acts_e, i, keep=True)
         streamed.free_block(i)
         if not keep_boundaries:

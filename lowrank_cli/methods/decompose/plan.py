@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lowrank_cli.methods.decompose.targets import Target
 
-__all__ = ["plan_summary", "estimate_peak_bytes"]
+__all__ = ["plan_summary", "estimate_peak_bytes", "estimate_output_bytes"]
 
 
 def plan_summary(targets: list[Target], ranks: dict | None = None) -> list[dict]:
@@ -39,3 +39,23 @@ def estimate_peak_bytes(ckpt, blocks_name: str, num_blocks: int, targets: list[T
     logits = batch_size * seq_len * vocab * 4 * 2
     return {"block": block_bytes, "embeddings_and_head": outer, "gram": gram, "activations": acts,
             "logits": logits, "total": max(block_bytes + gram, outer + logits) + acts}
+
+
+def estimate_output_bytes(ckpt, targets: list[Target], *, keep: float | None = None, rank: int | None = None,
+                          multiple: int = 8) -> dict[str, int | str]:
+    """Size of the written checkpoint: exact for --rank, an estimate for --params-ratio (allocation moves
+    parameters between layers but keeps their total), the input's size as an upper bound for a perplexity
+    budget (the search decides)."""
+    total = ckpt.total_bytes()
+    targeted_bytes = sum(ckpt.tensors[t.name + ".weight"].nbytes for t in targets if t.name + ".weight" in ckpt)
+    if rank is not None:
+        after = 0
+        for t in targets:
+            info = ckpt.tensors.get(t.name + ".weight")
+            size = info.nbytes // max(info.numel, 1) if info else 4
+            r = max(multiple, rank // multiple * multiple)
+            after += (r * (t.m + t.n) if r * (t.m + t.n) < t.m * t.n else t.m * t.n) * size
+        return {"bytes": total - targeted_bytes + after, "kind": "exact"}
+    if keep is not None:
+        return {"bytes": int(total - targeted_bytes * (1 - keep)), "kind": "estimate"}
+    return {"bytes": total, "kind": "upper bound"}
