@@ -21,6 +21,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 512
 
 
+def pytest_configure(config):
+    # Tiny tensors: one thread is as fast, and immune to a busy machine's OpenMP barrier stalls
+    # (2 threads made some tiny matmuls 1000x slower under load).
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _train_tokenizer(folder: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -92,6 +92,9 @@ class DecomposeOptions:
             raise UsageError(f"--seq-len must be at least 2, got {self.calib_seq_len}")
         if self.damp < 0:
             raise UsageError("--damp must be >= 0")
+        from lowrank_cli.io.writer import parse_size
+
+        parse_size(self.max_shard_size)  # a bad size fails now, not after the compression work
         if not self.dry_run and not self.output:
             raise UsageError("an output folder is required: -o/--output OUT")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -47,9 +48,15 @@ def _configure_logging(json_mode: bool) -> None:
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
-    # transformers/accelerate chatter ("Writing model shards", deprecations) is not ours to show
+    # transformers/accelerate chatter ("Loading weights" bars, deprecations) is not ours to show; the hub
+    # reads this variable when first imported, and the commands import it lazily, after this point
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _progress(json_mode: bool):
