@@ -153,3 +153,22 @@ def test_input_is_never_modified(tiny_bigcode, tmp_path):
     before = {p.name: p.read_bytes() for p in tiny_bigcode.iterdir()}
     assert decompose(str(tiny_bigcode), "-o", str(tmp_path / "o"), "--rank", "8", *FAST)[0] == 0
     assert {p.name: p.read_bytes() for p in tiny_bigcode.iterdir()} == before
+
+
+def test_verification_catches_a_broken_output(tiny_llama, tmp_path):
+    import shutil
+
+    from lowrank_cli.errors import RuntimeFailure
+    from lowrank_cli.io.verify import verify_checkpoint
+
+    out = tmp_path / "out"
+    assert decompose(str(tiny_llama), "-o", str(out), "--rank", "8", *FAST)[0] == 0
+    verify_checkpoint(out)  # the real output passes
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    config = json.loads((broken / "config.json").read_text())
+    name = next(iter(config["lowrank"]["ranks"]))
+    config["lowrank"]["ranks"][name] = 16  # the config now disagrees with the stored factors
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeFailure, match="verification failed"):
+        verify_checkpoint(broken)

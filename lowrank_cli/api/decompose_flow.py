@@ -12,6 +12,7 @@ from lowrank_cli.api.common import Timer, load_tokenizer, text_windows
 from lowrank_cli.errors import BudgetNotMet, UsageError
 from lowrank_cli.io.manifest import write_manifest
 from lowrank_cli.io.output import OutputDir
+from lowrank_cli.io.verify import verify_checkpoint
 from lowrank_cli.io.writer import ShardWriter, parse_size
 
 log = logging.getLogger("lowrank")
@@ -214,6 +215,7 @@ def run(model: str, path: Path, ckpt, opts, progress):
         result = DecomposeResult(output=str(out.target), dry_run=False, params=params, perplexity=perplexity,
                                  ranks=factored, dense_layers=[t.name for t in targets if t.name not in factored],
                                  evaluations=evaluations, timings_s=timer.seconds, **base)
+        verify_checkpoint(tmp)
         write_manifest(tmp, command="decompose", options=vars(opts),
                        input_info={"model": model, "path": str(path), "fingerprint": ckpt.fingerprint()},
                        metrics={"params": params, "perplexity": perplexity, "evaluations": evaluations},
