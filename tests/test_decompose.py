@@ -172,3 +172,23 @@ def test_verification_catches_a_broken_output(tiny_llama, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeFailure, match="verification failed"):
         verify_checkpoint(broken)
+
+
+def test_search_bisects_to_the_smallest_passing_candidate():
+    from lowrank_cli.methods.decompose.search import Candidate, first_guess, search_keep
+
+    calls = []
+
+    def evaluate(keep):  # a monotone toy: passes when keep >= 0.62
+        calls.append(keep)
+        return Candidate(keep, keep, 10 + (1 - keep), keep >= 0.62, factorized_layers=3)
+
+    found = search_keep(evaluate, steps=8, first=0.8, tolerance=0.01)
+    assert found.best is not None and 0.62 <= found.best.keep < 0.64
+    assert len(calls) <= 8
+    none = search_keep(lambda k: Candidate(k, k, 99.0, False, 3), steps=3)
+    assert none.best is None and len(none.tried) == 3 and none.closest.perplexity == 99.0
+    # a candidate that factorizes nothing never counts as a pass
+    empty = search_keep(lambda k: Candidate(k, 1.0, 1.0, True, 0), steps=2)
+    assert empty.best is None
+    assert first_guess(lambda k: 1 - k, 0.2, lo=0.3, hi=0.95, points=14) == pytest.approx(0.8, abs=0.05)

@@ -52,6 +52,13 @@ def _out_dtype(ckpt, name: str):
     return getattr(torch, _ST_DTYPES.get(info.dtype, "float32")) if info is not None else None
 
 
+def _predicted_increase(curves, ranks: dict, tokens: int) -> float:
+    """Second-order estimate of the perplexity increase of an allocation: exp(mean dLoss) - 1, with
+    dLoss = 1/2 * sensitivity * output error energy per layer (see methods/decompose/sensitivity.py)."""
+    total = sum(0.5 * c.error(ranks.get(c.name)) for c in curves)
+    return math.expm1(min(total / max(tokens, 1), 50.0))
+
+
 def run(model: str, path: Path, ckpt, opts, progress):
     import torch
 
@@ -187,7 +194,12 @@ def run(model: str, path: Path, ckpt, opts, progress):
                 return search.Candidate(keep, record["kept_fraction"], record["perplexity"], passed,
                                         len(outcome.layers))
 
-            found = search.search_keep(candidate, steps=opts.search_steps)
+            first = 0.8
+            if fisher:
+                first = search.first_guess(lambda k: _predicted_increase(curves, _allocate(opts, curves, k),
+                                                                         int(calib.numel())), budget["value"])
+                log.info("search starts at keep %.3f (Fisher-predicted increase within budget)", first)
+            found = search.search_keep(candidate, steps=opts.search_steps, first=first)
             if found.best is None:
                 closest = found.closest
                 raise BudgetNotMet(

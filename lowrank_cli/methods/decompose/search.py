@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Candidate", "SearchOutcome", "search_keep"]
+__all__ = ["Candidate", "SearchOutcome", "search_keep", "first_guess"]
 
 
 @dataclass
@@ -62,3 +62,17 @@ def search_keep(evaluate: Callable[[float], Candidate], *, steps: int = 6, first
             break
         keep = (lo + hi) / 2
     return SearchOutcome(best, tried)
+
+
+def first_guess(predict: Callable[[float], float], budget: float, *, lo: float = 0.3, hi: float = 0.95,
+                points: int = 14) -> float:
+    """The smallest keep on a grid whose *predicted* perplexity increase is within the budget.
+
+    `predict(keep)` is a cheap estimate (e.g. the Fisher-weighted error of the allocation); it only
+    chooses where the bisection starts, so a biased predictor costs evaluations, never correctness.
+    """
+    grid = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
+    for keep in grid:
+        if predict(keep) <= budget:
+            return keep
+    return hi
