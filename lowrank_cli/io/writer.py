@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import struct
 from pathlib import Path
 
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import INDEX_FILE, SINGLE_FILE
 
 __all__ = ["ShardWriter", "parse_size", "DEFAULT_SHARD_SIZE"]
+
+_ST_DTYPE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 DEFAULT_SHARD_SIZE = "2GB"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -40,41 +52,66 @@ def parse_size(text: str | int) -> int:
 
 
 class ShardWriter:
-    """Collect named tensors and write them as `model-XXXXX-of-YYYYY.safetensors` shards + index."""
+    """Write named tensors as `model-XXXXX-of-YYYYY.safetensors` shards + index, one tensor in memory.
+
+    A safetensors file starts with a header listing every tensor's offsets, so it cannot be written before
+    its last tensor is known. Holding a whole shard in memory would make peak memory grow with the shard
+    size (the whole model, for models under `max_shard_bytes`). Instead each tensor's bytes are appended to
+    the shard's data file as it arrives; when the shard is full the header is written and the data copied
+    behind it in chunks. Memory: one tensor plus a copy buffer. Disk: the shard written twice.
+    """
 
     def __init__(self, folder: str | Path, max_shard_bytes: int = parse_size(DEFAULT_SHARD_SIZE),
                  metadata: dict | None = None):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending: dict[str, object] = {}
-        self._pending_bytes = 0
+        self.metadata = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+        self._entries: dict[str, dict] = {}  # the open shard's header entries
+        self._data = None  # the open shard's data file
+        self._data_bytes = 0
         self._written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self._seen: set[str] = set()
         self.total_bytes = 0
         self.total_params = 0
 
     def add(self, name: str, tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._written):
+        if name in self._seen:
             raise ValueError(f"tensor '{name}' written twice")
+        dtype = _ST_DTYPE.get(str(tensor.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"cannot store dtype {tensor.dtype} of '{name}' in safetensors")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+        if self._entries and self._data_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        # contiguous + detached copy: a view into a larger buffer would drag that buffer into the file
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
-        self._pending_bytes += nbytes
+        if self._data is None:
+            self._data = open(self.folder / f"shard-{len(self._written):05d}.data", "wb")  # noqa: SIM115
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if nbytes:
+            self._data.write(memoryview(flat.view(torch_uint8()).numpy()))
+        self._entries[name] = {"dtype": dtype, "shape": list(tensor.shape),
+                               "data_offsets": [self._data_bytes, self._data_bytes + nbytes]}
+        self._data_bytes += nbytes
+        self._seen.add(name)
         self.total_bytes += nbytes
         self.total_params += tensor.numel()
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._pending:
+        """Close the open shard: header, then its data copied behind it."""
+        if self._data is None:
             return
-        tmp_name = f"shard-{len(self._written):05d}.tmp"
-        save_file(self._pending, str(self.folder / tmp_name), metadata=self.metadata)
-        self._written.append((tmp_name, list(self._pending)))
-        self._pending = {}
-        self._pending_bytes = 0
+        self._data.close()
+        index = len(self._written)
+        data_path = self.folder / f"shard-{index:05d}.data"
+        tmp_name = f"shard-{index:05d}.tmp"
+        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
+        with open(self.folder / tmp_name, "wb") as out, open(data_path, "rb") as src:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(src, out, 16 * 2**20)
+        data_path.unlink()
+        self._written.append((tmp_name, list(self._entries)))
+        self._entries, self._data, self._data_bytes = {}, None, 0
 
     def close(self) -> dict[str, str]:
         """Flush, give shards their final names, write the index (several shards only); the weight map."""
