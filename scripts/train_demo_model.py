@@ -63,7 +63,7 @@ BATCH = 16  # windows per optimizer step: 16 x 512 = 8192 tokens
 MICRO = 8  # windows per forward/backward pass (gradient accumulation); keeps activations in cache-sized chunks
 STEPS = 640  # ~5.2M tokens, a little under one pass over the ~7M training tokens; measured ~2 s per step
 WARMUP = 40
-LR, MIN_LR = 2e-3, 2e-4  # cosine from LR down to MIN_LR
+LR, MIN_LR = 3e-3, 3e-4  # cosine from LR down to MIN_LR; a 4M-parameter model takes a high rate
 WEIGHT_DECAY = 0.1  # decoupled (AdamW); keeps unused directions small, so low-rank factorization has slack
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
