@@ -137,3 +137,12 @@ def test_no_progress_or_logs_on_stdout_in_pipes(tiny_llama):
     assert proc.returncode == 0
     assert len(proc.stdout.strip().splitlines()) == 1
     assert proc.stderr.strip() == ""
+
+
+def test_demo_is_a_real_language_model():
+    """The bundled model predicts held-out stdlib code far better than token frequencies alone (its
+    training figures: ppl 49.75 against a unigram 687 on 131k held-out tokens)."""
+    code, doc, _ = run_json("eval", "demo", "--seq-len", "256", "--max-tokens", "2048")
+    assert code == 0
+    assert 5 < doc["perplexity"] < 200
+    assert doc["params"] == 3_878_656

@@ -192,3 +192,18 @@ def test_search_bisects_to_the_smallest_passing_candidate():
     empty = search_keep(lambda k: Candidate(k, 1.0, 1.0, True, 0), steps=2)
     assert empty.best is None
     assert first_guess(lambda k: 1 - k, 0.2, lo=0.3, hi=0.95, points=14) == pytest.approx(0.8, abs=0.05)
+
+
+def test_perplexity_budget_on_the_demo_removes_parameters(tmp_path):
+    """The headline job on the bundled (trained) model: a 5% budget is met by a smaller model."""
+    out = tmp_path / "out"
+    code, doc, result = decompose("demo", "-o", str(out), "--target-ppl-increase", "5%", "--search-steps", "3",
+                                  *FAST)
+    assert code == 0, result.stderr
+    assert doc["params"]["model_after"] < doc["params"]["model_before"]
+    assert doc["perplexity"]["final"] <= doc["perplexity"]["baseline"] * 1.05
+    assert 1 <= len(doc["evaluations"]) <= 3
+    assert any(e["passed"] for e in doc["evaluations"])
+    manifest = json.loads((out / "lowrank.json").read_text())
+    assert manifest["metrics"]["perplexity"]["final"] == doc["perplexity"]["final"]
+    assert not list(out.glob(".candidate-*"))  # the losing candidates are gone
