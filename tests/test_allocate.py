@@ -24,14 +24,6 @@ from lowrank_cli.methods.decompose.allocate import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds wake-up latency on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _curve(name: str, m: int, n: int, seed: int, sensitivity: float = 1.0,
            convex: bool = True) -> LayerCurve:

@@ -15,15 +15,6 @@ from lowrank_cli.io.checkpoint import Checkpoint
 SEQ = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: on a shared, busy machine OpenMP's thread barriers cost ~30 ms per op; one thread
-    runs them in microseconds and gives the same numbers."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory, tokenizer_dir):

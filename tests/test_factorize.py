@@ -25,14 +25,6 @@ from lowrank_cli.methods.decompose.factorize import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only adds wake-up latency on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _problem(m: int, n: int, tokens: int, x_rank: int | None = None, seed: int = 0):
     """A random weight and anisotropic inputs (so the data-aware and plain solutions differ)."""

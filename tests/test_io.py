@@ -18,16 +18,6 @@ from lowrank_cli.io.resolve import demo_path, resolve_model
 from lowrank_cli.io.writer import ShardWriter, parse_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: on a shared, busy machine OpenMP's thread barriers cost ~30 ms per op; one thread
-    runs them in microseconds and gives the same numbers."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def one_line_usage_error(excinfo, *needles: str) -> str:
     message = str(excinfo.value)
     assert "\n" not in message, f"not a one-line message: {message!r}"
