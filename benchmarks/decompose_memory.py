@@ -47,16 +47,29 @@ ALLOCATION = {"svd": "uniform", "lord": "fisher"}
 
 
 # -- the measured side: one decompose run in this (fresh) process -----------------------------------------
-def _read_status() -> tuple[int, int]:
-    """(RssAnon, VmRSS) in bytes from /proc/self/status (Linux; the threads share one address space)."""
-    anon = rss = 0
+def _read_status(hwm: bool = False):
+    """(RssAnon, VmRSS) in bytes from /proc/self/status (Linux; the threads share one address space);
+    with hwm=True, VmHWM (the kernel's exact peak of VmRSS) alone."""
+    anon = rss = peak = 0
     with open("/proc/self/status", "rb") as fh:
         for line in fh:
             if line.startswith(b"RssAnon:"):
                 anon = int(line.split()[1]) * 1024
             elif line.startswith(b"VmRSS:"):
                 rss = int(line.split()[1]) * 1024
-    return anon, rss
+            elif line.startswith(b"VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    return peak if hwm else (anon, rss)
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current VmRSS (Linux >= 4.0), so that it measures the run, not the imports."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class _Sampler(threading.Thread):
@@ -142,6 +155,7 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     gc.collect()
     streamed_mod._release_freed_memory()  # malloc_trim: start from a settled heap
+    hwm_reset = _reset_hwm()
     base_anon, base_rss = _read_status()
     phase = ["setup"]
     sampler = _Sampler(spec["interval"], phase)
@@ -156,10 +170,14 @@ def worker(spec: dict) -> dict:
     res = decompose(spec["model"], opts, progress=_phase_progress(phase))
     wall = time.perf_counter() - start
     sampler.stop()
+    # Sampling can miss allocations that live for less than a sampling period (a 48 MiB logits buffer,
+    # say); VmHWM cannot, but it counts file-backed pages too: the two bracket the true anonymous peak.
+    hwm = _read_status(hwm=True) - base_rss if hwm_reset else None
     return {
         "wall_s": round(wall, 2),
         "base_anon_bytes": base_anon, "base_rss_bytes": base_rss,
         "peak_anon_bytes": sampler.peak_anon - base_anon, "peak_rss_bytes": sampler.peak_rss - base_rss,
+        "peak_hwm_bytes": hwm,
         "peak_anon_phase": sampler.peak_anon_phase,
         "phase_peak_anon_bytes": {k: v - base_anon for k, v in sampler.phase_peaks.items()},
         "samples": sampler.samples,
@@ -204,9 +222,15 @@ def run_one(model: Path, method: str, args, work: Path) -> dict:
             "eval_tokens": args.eval_tokens, "interval": args.interval, "threads": args.threads,
             "max_shard_size": args.max_shard_size}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+    # the spec travels in a file: a short command line, and no model path in it for process-name matching
+    fd, name = tempfile.mkstemp(prefix="spec-", suffix=".json", dir=work)
+    os.close(fd)
+    spec_file = Path(name)
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], capture_output=True,
                           text=True, env=env)
     shutil.rmtree(out, ignore_errors=True)
+    spec_file.unlink()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -228,13 +252,14 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.005, help="memory sampling period, s")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the worker")
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M itself (30 blocks), lord")
+    parser.add_argument("--no-random", action="store_true", help="skip the random checkpoints (with --smollm2)")
     parser.add_argument("--work", default=None, help="folder for the checkpoints (default: a temp folder)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker is not None:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        print("RESULT " + json.dumps(worker(json.loads(Path(args.worker).read_text()))), flush=True)
         return
 
     sys.path.insert(0, str(HERE))
@@ -245,14 +270,18 @@ def main() -> None:
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    depths = [args.depth, 2 * args.depth, 4 * args.depth]
+    depths = [] if args.no_random else [args.depth, 2 * args.depth, 4 * args.depth]
     models = [(d, build_checkpoint(work / f"random-L{d}", d, smol)) for d in depths]
-    print(f"built {len(models)} checkpoints in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
+    if models:
+        print(f"built {len(models)} checkpoints in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
+    target = Path(args.out) if args.out else HERE / "results" / "decompose_memory.json"
+    doc = {"settings": {k: v for k, v in vars(args).items() if k != "worker"},
+           "allocation": ALLOCATION, "depths": depths, "rows": [], "ratios": {}}
     cells = [(d, m, path) for d, path in models for m in args.methods]
     if args.smollm2:
         cells.append((30, "lord", smol))
 
-    head = (f"{'model':10} {'depth':>5} {'method':6} {'wall s':>7} {'anon MiB':>9} {'VmRSS MiB':>9} "
+    head = (f"{'model':10} {'depth':>5} {'method':6} {'wall s':>7} {'anon MiB':>9} {'VmRSS MiB':>9} {'HWM MiB':>8} "
             f"{'resid MiB':>9} {'ckpt MiB':>8} {'est MiB':>8}  peak phase")
     print(head, flush=True)
     rows = []
@@ -260,16 +289,21 @@ def main() -> None:
         runs = [run_one(path, method, args, work) for _ in range(args.repeats)]
         # medians over repeats: memory is near-deterministic, wall time is what the noise hits
         row = dict(runs[len(runs) // 2])
-        for key in ("wall_s", "peak_anon_bytes", "peak_rss_bytes"):
-            row[key] = statistics.median(r[key] for r in runs)
+        for key in ("wall_s", "peak_anon_bytes", "peak_rss_bytes", "peak_hwm_bytes"):
+            if all(r[key] is not None for r in runs):
+                row[key] = statistics.median(r[key] for r in runs)
         row.update(model="smollm2" if path == smol else "random", depth=depth, method=method,
                    allocation=ALLOCATION[method], checkpoint_bytes=checkpoint_bytes(path),
                    wall_s_all=[r["wall_s"] for r in runs])
         rows.append(row)
         print(f"{row['model']:10} {depth:5d} {method:6} {row['wall_s']:7.1f} {row['peak_anon_bytes'] / MiB:9.1f} "
-              f"{row['peak_rss_bytes'] / MiB:9.1f} {row['peak_resident_param_bytes'] / MiB:9.1f} "
+              f"{row['peak_rss_bytes'] / MiB:9.1f} {(row['peak_hwm_bytes'] or 0) / MiB:8.1f} "
+              f"{row['peak_resident_param_bytes'] / MiB:9.1f} "
               f"{row['checkpoint_bytes'] / MiB:8.1f} {row['engine_estimate_bytes'] / MiB:8.1f}  "
               f"{row['peak_anon_phase']}", flush=True)
+        # written after every cell: a long run that dies half-way still leaves its finished rows
+        doc["rows"] = rows
+        target.write_text(json.dumps(doc, indent=2) + "\n")
 
     # Where the anonymous peak of each run is reached, phase by phase (MiB over the post-import baseline).
     phases = ["setup", "profile", "sensitivity", "allocate", "compress", "write"]
@@ -281,9 +315,10 @@ def main() -> None:
         print(f"{row['model']:10} {row['depth']:5d} {row['method']:6} {cells_txt}")
 
     # The question this benchmark answers: does peak memory stay flat as depth grows (same run, as ratios)?
-    print("\nratios against depth D (random checkpoints)")
+    if depths:
+        print("\nratios against depth D (random checkpoints)")
     ratios = {}
-    for method in args.methods:
+    for method in args.methods if depths else []:
         by_depth = {r["depth"]: r for r in rows if r["method"] == method and r["model"] == "random"}
         base = by_depth[depths[0]]
         ratios[method] = {}
@@ -291,24 +326,24 @@ def main() -> None:
             r = by_depth[d]
             entry = {"anon": r["peak_anon_bytes"] / base["peak_anon_bytes"],
                      "vmrss": r["peak_rss_bytes"] / base["peak_rss_bytes"],
+                     "hwm": (r["peak_hwm_bytes"] / base["peak_hwm_bytes"]) if base["peak_hwm_bytes"] else None,
                      "wall": r["wall_s"] / base["wall_s"],
                      "checkpoint": r["checkpoint_bytes"] / base["checkpoint_bytes"]}
             ratios[method][f"{d}/{depths[0]}"] = entry
             verdict = "ok" if entry["anon"] <= 1.3 else "ABOVE 1.3x"
             print(f"  {method:5} peak anon {d:2d}/{depths[0]}: {entry['anon']:.2f}x ({verdict});  VmRSS "
-                  f"{entry['vmrss']:.2f}x, wall {entry['wall']:.2f}x, checkpoint {entry['checkpoint']:.2f}x")
+                  f"{entry['vmrss']:.2f}x, HWM {entry['hwm'] or 0:.2f}x, wall {entry['wall']:.2f}x, "
+                  f"checkpoint {entry['checkpoint']:.2f}x")
         growth = (by_depth[depths[-1]]["peak_anon_bytes"] - base["peak_anon_bytes"]) / (depths[-1] - depths[0])
         ratios[method]["anon_growth_bytes_per_block"] = growth
         print(f"  {method:5} peak anon grows {growth / MiB:.2f} MiB per added block")
-    if {"svd", "lord"} <= set(args.methods):
+    if depths and {"svd", "lord"} <= set(args.methods):
         print("\nwall time lord / svd: " + ", ".join(
             f"depth {d}: {next(r for r in rows if r['depth'] == d and r['method'] == 'lord')['wall_s'] / next(r for r in rows if r['depth'] == d and r['method'] == 'svd')['wall_s']:.2f}x"  # noqa: E501
             for d in depths))
 
     print(f"total {time.perf_counter() - t0:.0f} s")
-    doc = {"settings": {k: v for k, v in vars(args).items() if k != "worker"},
-           "allocation": ALLOCATION, "depths": depths, "rows": rows, "ratios": ratios}
-    target = Path(args.out) if args.out else HERE / "results" / "decompose_memory.json"
+    doc["ratios"] = ratios
     target.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {target}")
     if tmp is not None:

@@ -18,7 +18,12 @@ all of them alike; medians over repeats are reported, and speedup = dense median
     python benchmarks/factorized_latency.py --keep 0.7 --repeats 11
     python benchmarks/factorized_latency.py --work /tmp/lat       # keep the factorized models for reruns
 
-Prints a table; writes benchmarks/results/factorized_latency.json.
+On a machine shared with other jobs, 2 torch threads on 2 cores are oversubscribed: every parallel region
+waits for a thread the OS has descheduled, and a factorized linear runs two matmuls (two waits) where the
+dense one runs one, so the 2-thread figures then understate what factorization buys. Compare with
+`--threads 1` (written to factorized_latency-threads1.json) before drawing conclusions.
+
+Prints a table; writes benchmarks/results/factorized_latency.json (-threadsN for other thread counts).
 """
 
 from __future__ import annotations
@@ -174,7 +179,8 @@ def main() -> None:
     print(f"total {time.perf_counter() - t0:.0f} s")
     doc = {"model": args.model, "settings": vars(args), "torch": torch.__version__,
            "transformers": transformers.__version__, "rows": rows}
-    target = Path(args.out) if args.out else HERE / "results" / "factorized_latency.json"
+    suffix = "" if args.threads == 2 else f"-threads{args.threads}"
+    target = Path(args.out) if args.out else HERE / "results" / f"factorized_latency{suffix}.json"
     target.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {target}")
     if tmp is not None:
