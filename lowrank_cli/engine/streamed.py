@@ -90,18 +90,24 @@ class _Stop(Exception):
     pass
 
 
+def _stand_in(original, forward):
+    """An empty module that takes a block's place in the ModuleList and answers with `forward`."""
+    import torch.nn as nn
+
+    module = nn.Module()
+    # Keep the simple attributes a model's loop may read from its blocks (e.g. `attention_type`).
+    for key, value in vars(original).items():
+        if not key.startswith("_") and isinstance(value, (str, int, float, bool)):
+            setattr(module, key, value)
+    module.forward = forward
+    return module
+
+
 class _Recorder:
     """Stands in for block i during the capture pass: records its call, returns its input unchanged."""
 
     def __init__(self, index: int, original, sink: list, first: Activations | None, last: bool):
-        import torch.nn as nn
-
-        self.module = nn.Module()
-        # Keep the simple attributes a model's loop may read from its blocks (e.g. `attention_type`).
-        for key, value in vars(original).items():
-            if not key.startswith("_") and isinstance(value, (str, int, float, bool)):
-                setattr(self.module, key, value)
-        self.module.forward = self.forward
+        self.module = _stand_in(original, self.forward)
         self.index, self.sink, self.first, self.last = index, sink, first, last
 
     def forward(self, *args, **kwargs):
@@ -121,13 +127,7 @@ class _Injector:
     """Stands in for the blocks during the head pass: block 0 returns stored final hidden states."""
 
     def __init__(self, original, value=None, as_tuple: bool = False):
-        import torch.nn as nn
-
-        self.module = nn.Module()
-        for key, v in vars(original).items():
-            if not key.startswith("_") and isinstance(v, (str, int, float, bool)):
-                setattr(self.module, key, v)
-        self.module.forward = self.forward
+        self.module = _stand_in(original, self.forward)
         self.value, self.as_tuple = value, as_tuple
 
     def forward(self, *args, **kwargs):
@@ -167,24 +167,26 @@ class StreamedModel:
         return f"{self.blocks_name}.{i}."
 
     def _materialize(self, module, prefix: str) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
         names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
         names += [n for n, _ in module.named_buffers() if _is_persistent(module, n)]
         for local in names:
-            full = prefix + local
-            if full in self.ckpt:
-                tensor = self.ckpt.get(full)
-            else:
-                tensor = self._tied_source(full)
-                if tensor is None:
-                    raise UsageError(f"checkpoint '{self.ckpt.path}' has no tensor '{full}'")
-            if tensor.is_floating_point():
-                tensor = tensor.to(self.dtype)
-            # dtype= keeps the tensor's dtype: without it accelerate casts the value back to the
-            # skeleton's (float32) dtype, silently ignoring --dtype and doubling the block's memory
-            set_module_tensor_to_device(module, local, self.device, value=tensor, dtype=tensor.dtype)
-            self._count(tensor.numel() * tensor.element_size())
+            self._load(module, local, prefix + local)
+
+    def _load(self, module, local: str, full: str) -> int:
+        """Read checkpoint tensor `full` into `module.<local>` on the device; its size in bytes."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        tensor = self.ckpt.get(full) if full in self.ckpt else self._tied_source(full)
+        if tensor is None:
+            raise UsageError(f"checkpoint '{self.ckpt.path}' has no tensor '{full}'")
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        # dtype= keeps the tensor's dtype: without it accelerate casts the value back to the
+        # skeleton's (float32) dtype, silently ignoring --dtype and doubling the block's memory
+        set_module_tensor_to_device(module, local, self.device, value=tensor, dtype=tensor.dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        self._count(nbytes)
+        return nbytes
 
     def _tied_source(self, full: str):
         """Tied output embeddings are stored once, under the input embedding's name."""
@@ -238,16 +240,7 @@ class StreamedModel:
             module = self.model.get_submodule(module_name) if module_name else self.model
             if getattr(module, local).device.type != "meta":
                 continue
-            tensor = self.ckpt.get(name) if name in self.ckpt else self._tied_source(name)
-            if tensor is None:
-                raise UsageError(f"checkpoint '{self.ckpt.path}' has no tensor '{name}'")
-            if tensor.is_floating_point():
-                tensor = tensor.to(self.dtype)
-            # dtype= keeps the tensor's dtype: without it accelerate casts the value back to the
-            # skeleton's (float32) dtype, silently ignoring --dtype and doubling the block's memory
-            set_module_tensor_to_device(module, local, self.device, value=tensor, dtype=tensor.dtype)
-            self._count(tensor.numel() * tensor.element_size())
-            loaded.append((module, local, tensor.numel() * tensor.element_size()))
+            loaded.append((module, local, self._load(module, local, name)))
         try:
             yield
         finally:
