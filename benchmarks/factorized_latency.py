@@ -17,11 +17,13 @@ all of them alike; medians over repeats are reported, and speedup = dense median
     python benchmarks/factorized_latency.py                       # keep 0.7 and 0.5 (~10 min)
     python benchmarks/factorized_latency.py --keep 0.7 --repeats 11
     python benchmarks/factorized_latency.py --work /tmp/lat       # keep the factorized models for reruns
+    python benchmarks/factorized_latency.py --threads 1 2         # 1 and 2 torch threads, same run
 
 On a machine shared with other jobs, 2 torch threads on 2 cores are oversubscribed: every parallel region
 waits for a thread the OS has descheduled, and a factorized linear runs two matmuls (two waits) where the
 dense one runs one, so the 2-thread figures then understate what factorization buys. Compare with
-`--threads 1` (written to factorized_latency-threads1.json) before drawing conclusions.
+`--threads 1 2` (both timed interleaved in one run; written to factorized_latency-threads1-2.json) before
+drawing conclusions.
 
 Prints a table; writes benchmarks/results/factorized_latency.json (-threadsN for other thread counts).
 """
@@ -98,7 +100,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="torch thread counts; several are timed interleaved in the same run")
     parser.add_argument("--calib-tokens", type=int, default=256, help="decompose's (unused) calibration window")
     parser.add_argument("--work", default=None, help="folder for the factorized models (default: temporary)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
@@ -112,7 +115,6 @@ def main() -> None:
     from lowrank_cli.modeling.lowrank_modeling import LowRankLinear
 
     transformers.logging.set_verbosity_error()  # generation-config chatter on every generate() call
-    torch.set_num_threads(args.threads)
     if args.model == "smollm2":
         sys.path.insert(0, str(HERE))
         from smollm2 import smollm2_path
@@ -144,42 +146,58 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
         models.append({"name": name, "path": str(path), "model": model, "params": params,
                        "lowrank_layers": n_lowrank, "decompose_params": decompose_params,
-                       "prefill_s": [], "decode_s": []})
+                       "prefill_s": {t: [] for t in args.threads}, "decode_s": {t: [] for t in args.threads}})
         # warm-up: first calls pay for allocator growth and oneDNN kernel selection
-        time_prefill(model, long_ids)
-        time_decode(model, prompt, 4, pad_id)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            time_prefill(model, long_ids)
+            time_decode(model, prompt, 4, pad_id)
 
     for r in range(args.repeats):
         order = models[r % len(models):] + models[: r % len(models)]  # rotate who runs first
-        for m in order:
-            m["prefill_s"].append(time_prefill(m["model"], long_ids))
-        for m in order:
-            m["decode_s"].append(time_decode(m["model"], prompt, args.new_tokens, pad_id))
-        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
-            f"{m['name']} {m['prefill_s'][-1]:.2f}/{m['decode_s'][-1]:.2f} s" for m in models), flush=True)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for m in order:
+                m["prefill_s"][threads].append(time_prefill(m["model"], long_ids))
+            for m in order:
+                m["decode_s"][threads].append(time_decode(m["model"], prompt, args.new_tokens, pad_id))
+            print(f"repeat {r + 1}/{args.repeats}, {threads} thread(s): " + ", ".join(
+                f"{m['name']} {m['prefill_s'][threads][-1]:.2f}/{m['decode_s'][threads][-1]:.2f} s"
+                for m in models), flush=True)
 
-    dense = models[0]
-    d_pre, d_dec = statistics.median(dense["prefill_s"]), statistics.median(dense["decode_s"])
-    print(f"\ntorch threads {args.threads}; prefill 1 x {args.prefill_tokens} tokens; decode {args.new_tokens} "
-          f"tokens from a {args.prompt_tokens}-token prompt; medians of {args.repeats}")
-    print(f"{'model':10} {'params':>12} {'ratio':>6} {'lowrank':>7} {'prefill ms':>10} {'speedup':>7} "
-          f"{'decode ms':>9} {'ms/token':>8} {'speedup':>7}")
     rows = []
-    for m in models:
-        pre, dec = statistics.median(m["prefill_s"]), statistics.median(m["decode_s"])
-        row = {"name": m["name"], "path": m["path"], "params": m["params"],
-               "params_ratio_model": m["params"] / dense["params"], "lowrank_layers": m["lowrank_layers"],
-               "decompose_params": m["decompose_params"], "prefill_s_median": pre, "decode_s_median": dec,
-               "decode_ms_per_token": dec / args.new_tokens * 1000, "prefill_speedup": d_pre / pre,
-               "decode_speedup": d_dec / dec, "prefill_s": m["prefill_s"], "decode_s": m["decode_s"]}
-        rows.append(row)
-        print(f"{m['name']:10} {m['params']:12,} {row['params_ratio_model']:6.3f} {m['lowrank_layers']:7d} "
-              f"{pre * 1000:10.1f} {row['prefill_speedup']:7.2f} {dec * 1000:9.1f} "
-              f"{row['decode_ms_per_token']:8.1f} {row['decode_speedup']:7.2f}")
+    for threads in args.threads:
+        dense = models[0]
+        d_pre = statistics.median(dense["prefill_s"][threads])
+        d_dec = statistics.median(dense["decode_s"][threads])
+        print(f"\ntorch threads {threads}; prefill 1 x {args.prefill_tokens} tokens; decode {args.new_tokens} "
+              f"tokens from a {args.prompt_tokens}-token prompt; medians of {args.repeats}")
+        print(f"{'model':10} {'params':>12} {'ratio':>6} {'lowrank':>7} {'prefill ms':>10} {'speedup':>7} "
+              f"{'decode ms':>9} {'ms/token':>8} {'speedup':>7}")
+        for m in models:
+            pre, dec = statistics.median(m["prefill_s"][threads]), statistics.median(m["decode_s"][threads])
+            row = {"name": m["name"], "threads": threads, "path": m["path"], "params": m["params"],
+                   "params_ratio_model": m["params"] / dense["params"], "lowrank_layers": m["lowrank_layers"],
+                   "decompose_params": m["decompose_params"], "prefill_s_median": pre, "decode_s_median": dec,
+                   "decode_ms_per_token": dec / args.new_tokens * 1000, "prefill_speedup": d_pre / pre,
+                   "decode_speedup": d_dec / dec, "prefill_s": m["prefill_s"][threads],
+                   "decode_s": m["decode_s"][threads]}
+            rows.append(row)
+            print(f"{m['name']:10} {m['params']:12,} {row['params_ratio_model']:6.3f} {m['lowrank_layers']:7d} "
+                  f"{pre * 1000:10.1f} {row['prefill_speedup']:7.2f} {dec * 1000:9.1f} "
+                  f"{row['decode_ms_per_token']:8.1f} {row['decode_speedup']:7.2f}")
+    if len(args.threads) > 1:
+        # same run, same models: what the extra threads buy (below 1: oversubscribed cores)
+        lo, hi = min(args.threads), max(args.threads)
+        print(f"\n{hi} threads vs {lo}, speedup (median {lo}-thread time / median {hi}-thread time):")
+        for m in models:
+            print(f"  {m['name']:10} prefill "
+                  f"{statistics.median(m['prefill_s'][lo]) / statistics.median(m['prefill_s'][hi]):5.2f}"
+                  f"  decode {statistics.median(m['decode_s'][lo]) / statistics.median(m['decode_s'][hi]):5.2f}")
     print(f"total {time.perf_counter() - t0:.0f} s")
     doc = {"model": args.model, "settings": vars(args), "torch": torch.__version__,
            "transformers": transformers.__version__, "rows": rows}
-    suffix = "" if args.threads == 2 else f"-threads{args.threads}"
+    suffix = "" if args.threads == [2] else "-threads" + "-".join(map(str, args.threads))
     target = Path(args.out) if args.out else HERE / "results" / f"factorized_latency{suffix}.json"
     target.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {target}")

@@ -368,12 +368,14 @@ a real language model, so low-rank compression has a measurable effect on it.
 
 ## Training
 
-Seed {f['seed']}, {t['steps']} steps of {t['batch_windows']} x {t['seq_len']} = {t['tokens_per_step']:,}
-tokens: {t['tokens_seen']:,} tokens seen ({t['epochs']} of an epoch over a {t['train_stream_tokens']:,}-token
-training stream). {t['optimizer']}; {t['lr']}. No dropout. This run: wall time {t['wall_s'] / 60:.1f} min
-({t['train_wall_s'] / 60:.1f} min of it training, {t['tokens_seen'] / t['train_wall_s']:,.0f} tokens/s) with
-{t['threads']} threads, torch {f['versions']['torch']}; wall time depends on how busy the machine is (about
-4,000 tokens/s, i.e. ~21 min of training, when idle), the result does not.
+- Seed {f['seed']}; {t['steps']} steps of {t['batch_windows']} windows x {t['seq_len']} tokens =
+  {t['tokens_per_step']:,} tokens per step, {t['tokens_seen']:,} tokens seen ({t['epochs']} of an epoch
+  over the {t['train_stream_tokens']:,}-token training stream; no window repeats).
+- {t['optimizer']} (decay on matrices only); {t['lr']}; no dropout.
+- This run: {t['wall_s'] / 60:.1f} min wall time, {t['train_wall_s'] / 60:.1f} min of it training
+  ({t['tokens_seen'] / t['train_wall_s']:,.0f} tokens/s), {t['threads']} threads, torch {f['versions']['torch']}.
+  Wall time depends on how busy the machine is (about 4,000 tokens/s, ~21 min of training, when idle); the
+  weights do not.
 
 "val" is held out of the training stream (32 windows, never trained on); "train" is the mean loss over the
 steps since the previous row. Losses are nats per token.
