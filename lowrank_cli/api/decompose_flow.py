@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from lowrank_cli.api.common import Timer, load_tokenizer, text_windows
+from lowrank_cli.engine.streamed import release_freed_memory
 from lowrank_cli.errors import BudgetNotMet, UsageError
 from lowrank_cli.io.manifest import write_manifest
 from lowrank_cli.io.output import OutputDir
@@ -131,6 +132,7 @@ def run(model: str, path: Path, ckpt, opts, progress):
             task.close()
         for acts in profile.boundaries:
             acts.release()
+        release_freed_memory()  # hand the boundaries back to the OS before the compress passes
     curves = _curves(targets, profile, sens)
 
     out = OutputDir(opts.output, overwrite=opts.overwrite, inputs=[path])

@@ -25,7 +25,7 @@ from lowrank_cli.engine.activations import Activations
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 
-__all__ = ["StreamedModel", "build_empty_model", "find_blocks", "resolve_dtype"]
+__all__ = ["StreamedModel", "build_empty_model", "find_blocks", "resolve_dtype", "release_freed_memory"]
 
 
 def resolve_dtype(name: str | None, device: str = "cpu"):
@@ -216,7 +216,7 @@ class StreamedModel:
             if tensor.device.type != "meta":
                 self.resident_bytes -= tensor.numel() * tensor.element_size()
                 set_module_tensor_to_device(module, name, "meta")
-        _release_freed_memory()
+        release_freed_memory()
 
     def load_block(self, i: int):
         block = self.blocks[i]
@@ -247,7 +247,7 @@ class StreamedModel:
             for module, local, nbytes in loaded:
                 set_module_tensor_to_device(module, local, "meta")
                 self.resident_bytes -= nbytes
-            _release_freed_memory()
+            release_freed_memory()
 
     @contextlib.contextmanager
     def _blocks_replaced(self, stand_ins):
@@ -324,7 +324,7 @@ class StreamedModel:
 _MALLOC_TRIM = None
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
     Weights converted to the compute dtype are anonymous allocations of a few MB each. Once one is freed,
