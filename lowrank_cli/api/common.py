@@ -10,7 +10,7 @@ from lowrank_cli.data.sources import STDLIB, STDLIB_PROSE, load_documents
 from lowrank_cli.data.windows import windows_from_documents
 from lowrank_cli.errors import UsageError
 
-__all__ = ["load_tokenizer", "text_windows", "Timer", "check_device", "set_seed"]
+__all__ = ["load_tokenizer", "text_windows", "Timer", "check_device"]
 
 
 def load_tokenizer(path: Path):
@@ -52,14 +52,6 @@ def check_device(device: str) -> str:
         raise UsageError(f"unknown --device '{device}' (cpu, cuda or cuda:N)")
     return device
 
-
-def set_seed(seed: int) -> None:
-    import random
-
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Timer:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterable
 from pathlib import Path
 
 from lowrank_cli.errors import UsageError
@@ -174,7 +173,3 @@ def load_documents(spec: str | None, *, part: str | None = None, text_field: str
 
 def _looks_like_hub_id(spec: str) -> bool:
     return spec.count("/") == 1 and not spec.startswith("/") and " " not in spec
-
-
-def iter_nonempty(docs: Iterable[str]) -> Iterable[str]:
-    return (d for d in docs if d.strip())

@@ -307,16 +307,14 @@ class StreamedModel:
     def head_nll(self, acts: Activations, windows, batch_size: int = 1) -> tuple[float, int]:
         """Summed next-token NLL (float64) and the number of predicted tokens, from final hidden states."""
         import torch
-        import torch.nn.functional as F
+
+        from lowrank_cli.eval.perplexity import nll_of_logits
 
         total, count = 0.0, 0
         with torch.no_grad(), self._outer_loaded():
             for b, hidden in enumerate(acts):
                 ids = windows[b * batch_size:(b + 1) * batch_size].to(self.device)
-                logits = self.head_logits(hidden, ids)
-                nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                      reduction="sum")
-                total += float(nll.double())
+                total += nll_of_logits(self.head_logits(hidden, ids), ids)
                 count += ids[:, 1:].numel()
         return total, count
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["NLL", "nll_full", "nll_streamed", "nll_of_logits"]
+__all__ = ["NLL", "nll_full", "nll_streamed", "nll_of_logits", "next_token_loss"]
 
 
 @dataclass
@@ -31,12 +31,16 @@ class NLL:
         return math.exp(self.mean)
 
 
-def nll_of_logits(logits, ids) -> float:
-    """Summed next-token NLL of one batch, in float32 softmax, accumulated in float64."""
+def next_token_loss(logits, ids):
+    """Summed next-token NLL of one batch as a tensor (float32 softmax; differentiable)."""
     import torch.nn.functional as F
 
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-    return float(nll.double())
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+
+
+def nll_of_logits(logits, ids) -> float:
+    """Summed next-token NLL of one batch, accumulated by the caller in float64."""
+    return float(next_token_loss(logits, ids).double())
 
 
 def nll_full(model, windows, batch_size: int = 1, progress=None) -> NLL:

@@ -28,7 +28,7 @@ __all__ = ["output_sensitivities"]
 def output_sensitivities(streamed, calib, boundaries: list[Activations], targets: list[Target],
                          batch_size: int, progress=None) -> dict[str, float]:
     """s per target: mean over calibration tokens of |dLoss_t/dy|^2 / m (see the module docstring)."""
-    import torch.nn.functional as F
+    from lowrank_cli.eval.perplexity import next_token_loss
 
     sq: dict[str, float] = {t.name: 0.0 for t in targets}
     tokens = 0
@@ -41,8 +41,7 @@ def output_sensitivities(streamed, calib, boundaries: list[Activations], targets
             with torch.enable_grad():
                 logits = streamed.head_logits(h, ids)
                 # summed per-token losses: g_t is then the gradient of token t's own loss
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                       reduction="sum")
+                loss = next_token_loss(logits, ids)
                 (g,) = torch.autograd.grad(loss, h)
             grads.append(g.detach())
             tokens += ids[:, 1:].numel()
