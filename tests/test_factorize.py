@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lowrank_cli.engine import calibration
 from lowrank_cli.errors import RuntimeFailure, UsageError
-from lowrank_cli.methods.decompose import factorize
 from lowrank_cli.methods.decompose.factorize import (
     Spectrum,
     accumulate_gram,
@@ -190,7 +190,7 @@ def test_factors_keep_the_weight_dtype(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_accumulate_gram_in_float64(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(factorize, "_GRAM_CHUNK_ROWS", 3)  # exercise several chunks per batch
+    monkeypatch.setattr(calibration, "_GRAM_CHUNK_ROWS", 3)  # exercise several chunks per batch
     g = torch.Generator().manual_seed(23)
     batches = [(100 * torch.randn(2, 5, 4, generator=g)).to(dtype) for _ in range(3)]
     gram = None

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowrank_cli.engine.calibration import accumulate_gram  # re-exported: part of this module's API
 from lowrank_cli.errors import RuntimeFailure, UsageError
 
 __all__ = [
@@ -38,9 +39,6 @@ __all__ = [
     "relative_error",
 ]
 
-# Tokens cast to float64 per step in `accumulate_gram`: bounds the float64 copy of a large
-# activation batch (tokens x n x 8 bytes) while keeping each matmul big enough to run at full speed.
-_GRAM_CHUNK_ROWS = 8192
 # Up to this size a CPU eigh/svd runs single-threaded (see _lapack_threads).
 _LAPACK_SINGLE_THREAD_MAX = 4096
 
@@ -62,36 +60,6 @@ def _lapack_threads(t: Tensor):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def accumulate_gram(gram: Tensor | None, x: Tensor) -> Tensor:
-    """Add the input Gram x^T x of one batch of activations to a running float64 Gram.
-
-    Args:
-        gram: The running n x n float64 Gram, or None to start one. It is updated in place (the
-            Gram of a wide MLP input is ~1 GB in float64, so no copy is made) and returned.
-        x: Activations of shape (..., n) in any float dtype; every leading index is one token.
-
-    Returns:
-        The n x n float64 Gram, on x's device when it was created here, otherwise on gram's device.
-
-    Raises:
-        ValueError: If x is not floating point or does not match the Gram's size.
-    """
-    if not x.is_floating_point() or x.ndim < 1:
-        raise ValueError(f"activations must be a float tensor (..., n), got {x.dtype} {x.ndim}-D")
-    n = x.shape[-1]
-    rows = x.reshape(-1, n)
-    if gram is None:
-        gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    elif gram.shape != (n, n) or gram.dtype != torch.float64:
-        raise ValueError(f"Gram must be float64 {n} x {n}, got {gram.dtype} {tuple(gram.shape)}")
-    for start in range(0, rows.shape[0], _GRAM_CHUNK_ROWS):
-        # Cast before the product: half-precision sums of thousands of squared activations overflow
-        # or lose the small directions that decide the high-rank error.
-        chunk = rows[start : start + _GRAM_CHUNK_ROWS].to(device=gram.device, dtype=torch.float64)
-        gram.addmm_(chunk.T, chunk)
-    return gram
 
 
 @dataclass

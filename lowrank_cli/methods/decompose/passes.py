@@ -18,7 +18,6 @@ No file is touched here: tensors go to `sink(name, tensor)`.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from collections.abc import Callable
@@ -27,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from lowrank_cli.engine.activations import Activations
+from lowrank_cli.engine.calibration import InputGrams
+from lowrank_cli.engine.calibration import run_stored as _run
 from lowrank_cli.eval.perplexity import NLL
 from lowrank_cli.methods.decompose.factorize import (
     Spectrum,
-    accumulate_gram,
     data_spectrum,
     factors_from_spectrum,
     weight_spectrum,
@@ -40,84 +40,6 @@ from lowrank_cli.methods.decompose.targets import Target
 __all__ = ["Profile", "PassOutcome", "profile_pass", "compress_pass", "InputGrams"]
 
 log = logging.getLogger("lowrank")
-
-
-class _Halt(Exception):
-    """Raised by a hook once the block has computed everything a Gram needs."""
-
-
-class InputGrams:
-    """Forward pre-hooks on some linears of one block: one float64 Gram per distinct input tensor.
-
-    Linears fed the very same tensor (q/k/v, gate/up) share one Gram: the hook compares tensor objects, so
-    no architecture table is needed. `order` lists the groups in the order the forward reaches them.
-    With `halt=True` the forward stops as soon as every hooked layer has seen its input (the rest of
-    the block would be wasted work).
-    """
-
-    def __init__(self, block, locals_: list[str], halt: bool = False):
-        self.block, self.locals, self.halt = block, list(locals_), halt
-        self.grams: dict[str, torch.Tensor] = {}
-        self.group_of: dict[str, str] = {}
-        self.order: list[str] = []
-        self.tokens = 0
-        self._recent: collections.deque = collections.deque(maxlen=4)
-        self._seen: set[str] = set()
-        self._handles = []
-
-    def __enter__(self):
-        for local in self.locals:
-            module = self.block.get_submodule(local)
-            self._handles.append(module.register_forward_pre_hook(self._hook(local)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._recent.clear()
-
-    def _hook(self, local: str):
-        def hook(module, inputs):
-            x = inputs[0]
-            key = next((k for obj, k in self._recent if obj is x), None)
-            if key is None:
-                key = self.group_of.get(local, local)
-                self.grams[key] = accumulate_gram(self.grams.get(key), x.detach())
-                if key == local and key not in self.order:
-                    self.order.append(key)
-                self._recent.append((x, key))
-                if key == self.order[0]:
-                    self.tokens += x.numel() // x.shape[-1]
-            self.group_of.setdefault(local, key)
-            self._seen.add(local)
-            if self.halt and len(self._seen) == len(self.locals):
-                self._seen.clear()
-                raise _Halt
-
-        return hook
-
-    def groups(self) -> list[list[str]]:
-        return [[loc for loc in self.locals if self.group_of.get(loc) == key] for key in self.order]
-
-    def gram(self, local: str) -> torch.Tensor:
-        return self.grams[self.group_of[local]]
-
-
-def _run(block, acts: Activations, i: int, *, keep: bool, batches: int | None = None):
-    """Block i over the stored batches; returns the outputs (keep=True) or None. Honours _Halt."""
-    out = acts.new_like() if keep else None
-    with torch.no_grad():
-        for b, hidden in enumerate(acts):
-            if batches is not None and b >= batches:
-                break
-            args, kwargs = acts.calls[i][b]
-            try:
-                result = block(hidden, *args, **kwargs)
-            except _Halt:
-                continue
-            if keep:
-                out.append(result[0] if isinstance(result, tuple) else result)
-    return out
 
 
 # -- profile ------------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""Calibration inputs of a block's linears, shared by every method that solves per layer (decompose, quantize).
+
+`InputGrams` hooks linears of one block and accumulates one float64 Gram X^T X per distinct input tensor;
+`run_stored` runs a block over stored activations with the block's recorded call arguments.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+from torch import Tensor
+
+from lowrank_cli.engine.activations import Activations
+
+__all__ = ["InputGrams", "run_stored", "accumulate_gram"]
+
+# Tokens cast to float64 per step in `accumulate_gram`: bounds the float64 copy of a large
+# activation batch (tokens x n x 8 bytes) while keeping each matmul big enough to run at full speed.
+_GRAM_CHUNK_ROWS = 8192
+
+
+def accumulate_gram(gram: Tensor | None, x: Tensor) -> Tensor:
+    """Add the input Gram x^T x of one batch of activations to a running float64 Gram.
+
+    Args:
+        gram: The running n x n float64 Gram, or None to start one. It is updated in place (the
+            Gram of a wide MLP input is ~1 GB in float64, so no copy is made) and returned.
+        x: Activations of shape (..., n) in any float dtype; every leading index is one token.
+
+    Returns:
+        The n x n float64 Gram, on x's device when it was created here, otherwise on gram's device.
+
+    Raises:
+        ValueError: If x is not floating point or does not match the Gram's size.
+    """
+    if not x.is_floating_point() or x.ndim < 1:
+        raise ValueError(f"activations must be a float tensor (..., n), got {x.dtype} {x.ndim}-D")
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    if gram is None:
+        gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    elif gram.shape != (n, n) or gram.dtype != torch.float64:
+        raise ValueError(f"Gram must be float64 {n} x {n}, got {gram.dtype} {tuple(gram.shape)}")
+    for start in range(0, rows.shape[0], _GRAM_CHUNK_ROWS):
+        # Cast before the product: half-precision sums of thousands of squared activations overflow
+        # or lose the small directions that decide the high-rank error.
+        chunk = rows[start : start + _GRAM_CHUNK_ROWS].to(device=gram.device, dtype=torch.float64)
+        gram.addmm_(chunk.T, chunk)
+    return gram
+
+
+class _Halt(Exception):
+    """Raised by a hook once the block has computed everything a Gram needs."""
+
+
+class InputGrams:
+    """Forward pre-hooks on some linears of one block: one float64 Gram per distinct input tensor.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one Gram: the hook compares tensor objects, so
+    no architecture table is needed. `order` lists the groups in the order the forward reaches them.
+    With `halt=True` the forward stops as soon as every hooked layer has seen its input (the rest of
+    the block would be wasted work).
+    """
+
+    def __init__(self, block, locals_: list[str], halt: bool = False):
+        self.block, self.locals, self.halt = block, list(locals_), halt
+        self.grams: dict[str, torch.Tensor] = {}
+        self.group_of: dict[str, str] = {}
+        self.order: list[str] = []
+        self.tokens = 0
+        self._recent: collections.deque = collections.deque(maxlen=4)
+        self._seen: set[str] = set()
+        self._handles = []
+
+    def __enter__(self):
+        for local in self.locals:
+            module = self.block.get_submodule(local)
+            self._handles.append(module.register_forward_pre_hook(self._hook(local)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._recent.clear()
+
+    def _hook(self, local: str):
+        def hook(module, inputs):
+            x = inputs[0]
+            key = next((k for obj, k in self._recent if obj is x), None)
+            if key is None:
+                key = self.group_of.get(local, local)
+                self.grams[key] = accumulate_gram(self.grams.get(key), x.detach())
+                if key == local and key not in self.order:
+                    self.order.append(key)
+                self._recent.append((x, key))
+                if key == self.order[0]:
+                    self.tokens += x.numel() // x.shape[-1]
+            self.group_of.setdefault(local, key)
+            self._seen.add(local)
+            if self.halt and len(self._seen) == len(self.locals):
+                self._seen.clear()
+                raise _Halt
+
+        return hook
+
+    def groups(self) -> list[list[str]]:
+        return [[loc for loc in self.locals if self.group_of.get(loc) == key] for key in self.order]
+
+    def gram(self, local: str) -> torch.Tensor:
+        return self.grams[self.group_of[local]]
+
+
+def run_stored(block, acts: Activations, i: int, *, keep: bool, batches: int | None = None):
+    """Block i over the stored batches; returns the outputs (keep=True) or None. Honours _Halt."""
+    out = acts.new_like() if keep else None
+    with torch.no_grad():
+        for b, hidden in enumerate(acts):
+            if batches is not None and b >= batches:
+                break
+            args, kwargs = acts.calls[i][b]
+            try:
+                result = block(hidden, *args, **kwargs)
+            except _Halt:
+                continue
+            if keep:
+                out.append(result[0] if isinstance(result, tuple) else result)
+    return out
+
+
