@@ -49,7 +49,9 @@ def evaluate(model: str, *, data: str | None = None, text_field: str = "text", s
     if streaming:
         from lowrank_cli.engine.streamed import StreamedModel
 
-        streamed = StreamedModel(ckpt, device=device, dtype=torch_dtype)
+        from lowrank_cli.io.gptq_view import dequantizing
+
+        streamed = StreamedModel(dequantizing(ckpt), device=device, dtype=torch_dtype)
         task = progress.task("blocks", streamed.num_blocks)
         result = nll_streamed(streamed, windows, batch_size, progress=lambda d, t: task.advance())
         task.close()

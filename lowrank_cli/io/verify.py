@@ -18,8 +18,9 @@ __all__ = ["verify_checkpoint"]
 def verify_checkpoint(folder: Path) -> None:
     from lowrank_cli.engine.streamed import build_empty_model
     from lowrank_cli.io.checkpoint import Checkpoint
+    from lowrank_cli.io.gptq_view import dequantizing
 
-    ckpt = Checkpoint(folder)
+    ckpt = dequantizing(Checkpoint(folder))  # a GPTQ layer's four tensors stand for its weight
     model = build_empty_model(folder)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     problems = []

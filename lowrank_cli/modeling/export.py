@@ -28,6 +28,8 @@ __all__ = [
     "CLASS_NAME",
     "AUTO_MAP",
     "causal_lm_class_name",
+    "remote_code_config",
+    "NEEDS_REMOTE_CODE_WHEN_QUANTIZED",
     "modeling_file_text",
     "write_modeling_file",
     "lowrank_config",
@@ -162,6 +164,26 @@ def lowrank_config(config_dict: dict, ranks: dict[str, int], method: str) -> dic
     return cfg
 
 
+def remote_code_config(config_dict: dict) -> dict:
+    """A copy of an ordinary (not factorized) config.json dict that loads through modeling_lowrank.py.
+
+    Used where the native class cannot load the checkpoint: transformers fails on any quantized GPTBigCode
+    checkpoint (its ``_init_weights`` writes ``c_proj.weight``, which quantized linears do not have); the
+    class in modeling_lowrank.py guards that write. The caller writes the modeling file.
+    """
+    causal_lm_class_name(config_dict.get("model_type"))
+    cfg = copy.deepcopy(config_dict)
+    auto_map = dict(cfg.get("auto_map") or {})
+    auto_map.update(AUTO_MAP)
+    cfg["auto_map"] = auto_map
+    cfg["architectures"] = [CLASS_NAME]
+    return cfg
+
+
+# Architectures whose native class cannot load a quantized checkpoint (see remote_code_config).
+NEEDS_REMOTE_CODE_WHEN_QUANTIZED = frozenset({"gpt_bigcode"})
+
+
 def _section(config: Any) -> Any:
     if isinstance(config, dict):
         return config.get("lowrank")
@@ -255,6 +277,9 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu
     if device is not None and str(device) != "cpu":
         kw.setdefault("device_map", {"": str(device)})
 
+    if (config_dict.get("quantization_config") or {}).get("quant_method") == "gptq":
+        return _load_gptq(folder, config_dict, kw, device=device)
+
     if not is_factorized(config_dict):
         from transformers import AutoModelForCausalLM
 
@@ -295,6 +320,54 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu
             hint="the checkpoint was written incompletely or config.json was edited",
         )
     return (model.eval(), info) if want_info else model.eval()
+
+
+def gptq_kernels_available() -> bool:
+    """True when transformers can load GPTQ checkpoints with real kernels (optimum + gptqmodel)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("optimum", "gptqmodel"))
+
+
+def _load_gptq(folder: Path, config_dict: dict, kw: dict, *, device: Any):
+    """A GPTQ checkpoint: through transformers and gptqmodel's kernels when installed, else dequantized here
+    (float weights rebuilt from qweight/qzeros/scales/g_idx: slower and larger, but any machine runs it).
+    Factorized and GPTBigCode checkpoints go through lowrank_cli's class (see remote_code_config)."""
+    import logging
+
+    model_type = config_dict.get("model_type")
+    remote = is_factorized(config_dict) or model_type in NEEDS_REMOTE_CODE_WHEN_QUANTIZED
+    if gptq_kernels_available() and kw.pop("dequantize", False) is False:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+        if "device_map" not in kw:
+            kw["device_map"] = {"": str(device or "cpu")}
+        if remote:
+            return lowrank_class(model_type).from_pretrained(folder, **kw).eval()
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
+
+    logging.getLogger("lowrank").info("GPTQ kernels (optimum + gptqmodel) not installed: dequantizing")
+    import torch
+
+    from lowrank_cli.engine.streamed import build_empty_model
+    from lowrank_cli.io.checkpoint import Checkpoint
+    from lowrank_cli.io.gptq_view import DequantizedCheckpoint
+
+    dtype = kw.get("dtype")
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    model = build_empty_model(folder)
+    view = DequantizedCheckpoint(Checkpoint(folder))
+    state = {name: view.get(name, dtype=dtype) for name in view.tensors}
+    view.close()
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise UsageError(f"'{folder}' holds tensors the model does not have: {result.unexpected_keys[:3]}")
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise UsageError(f"'{folder}' is missing tensors: {left[:3]}")
+    return model.to(device or "cpu").eval()
 
 
 def dense_weight(up: Any, down: Any):

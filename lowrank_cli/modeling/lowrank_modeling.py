@@ -43,7 +43,7 @@ class LowRankLinear(nn.Module):
     float32, returned in the factors' dtype). It exists only for code that reads ``.weight`` of a layer it
     expects to be a linear (for example GPTBigCode's ``_init_weights`` touches ``c_proj.weight``); it is a
     fresh tensor on every access, so writing into it never changes the factors, and it costs one matmul of
-    the full dense size: do not use it on a hot path. It is meaningless once the factors are quantized.
+    the full dense size: do not use it on a hot path. It is None once the factors are quantized.
     """
 
     def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
@@ -73,7 +73,11 @@ class LowRankLinear(nn.Module):
         placeholder = self.__dict__.get("_weight_placeholder")
         if placeholder is not None:
             return placeholder
-        up, down = self.up.weight, self.down.weight
+        up, down = getattr(self.up, "weight", None), getattr(self.down, "weight", None)
+        if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor):
+            # Quantized factors (GPTQ kernels keep qweight): no dense product to offer. None rather than an
+            # AttributeError, because loaders walk dir(module) with getattr while converting layers.
+            return None
         return (up.float() @ down.float()).to(up.dtype)
 
     def forward(self, x):
@@ -169,31 +173,53 @@ def _drop_factorized_ties(model, tied):
 
 
 class _InitPlaceholders:
-    """While active, every LowRankLinear in ``modules`` answers ``.weight`` with an empty meta tensor.
+    """While active, every LowRankLinear or quantized linear in ``modules`` answers ``.weight`` with an empty
+    meta tensor.
 
     transformers' weight initialisation may write into ``child.weight`` of a parent module (GPTBigCode's
     ``_init_weights`` does ``init.normal_(module.c_proj.weight, ...)``). With the placeholder that write is a
-    no-op that neither fails, nor computes the dense product, nor touches the factors.
+    no-op that neither fails, nor computes the dense product, nor touches the factors. Quantized linears
+    (GPTQ kernels keep ``qweight``, no ``weight``) get the same placeholder as a plain attribute, removed
+    again on exit: without it any quantized GPTBigCode checkpoint fails to load.
     """
 
     def __init__(self, modules):
         self.modules = modules
         self.set_here = []
+        self.quantized_here = []
 
     def __enter__(self):
         for module in self.modules:
             if isinstance(module, LowRankLinear) and module.__dict__.get("_weight_placeholder") is None:
+                dtype = getattr(module.up, "weight", None)
                 module._weight_placeholder = torch.empty(
-                    (module.out_features, module.in_features), dtype=module.up.weight.dtype, device="meta"
+                    (module.out_features, module.in_features),
+                    dtype=dtype.dtype if dtype is not None else torch.float16, device="meta",
                 )
                 self.set_here.append(module)
+            elif _is_quantized_linear(module):
+                object.__setattr__(module, "weight", torch.empty(
+                    (module.out_features, module.in_features), dtype=torch.float16, device="meta"))
+                self.quantized_here.append(module)
         return self
 
     def __exit__(self, *exc):
         for module in self.set_here:
             module._weight_placeholder = None
-        self.set_here = []
+        for module in self.quantized_here:
+            object.__delattr__(module, "weight")
+        self.set_here, self.quantized_here = [], []
         return False
+
+
+def _is_quantized_linear(module):
+    return (
+        "qweight" in getattr(module, "_buffers", {})
+        and "weight" not in module._parameters
+        and "weight" not in module.__dict__
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    )
 
 
 _LOWRANK_CLASSES = {}

@@ -1,0 +1,1 @@
+"""GPTQ weight quantization: the grid, the solver, and the GPTQ checkpoint packing."""

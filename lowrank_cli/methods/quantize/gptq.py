@@ -1,0 +1,106 @@
+"""GPTQ (Frantar et al. 2022) for one linear layer, after the compact reference algorithm (IST-DASLab/gptq).
+
+Columns of W ([out, in]) are rounded one at a time; the rounding error of column j is spread over the
+columns not yet rounded through the inverse Hessian of the layer's input (H = 2 X X^T / n), which keeps
+the layer's output error ||(W - Q) X|| small rather than the weight error. Implementation notes:
+- H is accumulated in float64 by the caller and damped here by a fraction of its mean diagonal; we work
+  with the upper Cholesky factor of H^-1 (as the reference does), so no explicit inverse is formed;
+- lazy batches: errors are applied to the remaining columns one block at a time (one matmul), which is
+  the same arithmetic as the column-by-column algorithm, reordered;
+- a group's scale and zero point are computed when the solver reaches its first column, from the
+  already-updated weights. Blocks are aligned to groups so that the group's columns are up to date then
+  (the reference uses stale columns when a group starts inside a block);
+- act-order: columns in decreasing order of H's diagonal (largest input energy first); groups are then
+  contiguous in that order, and g_idx maps each original column to its group.
+Dead inputs (diag(H) = 0: never active in calibration) get H_jj = 1 and weight 0, as in the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowrank_cli.methods.quantize.grid import Grid, dequantize, find_params, quantize
+
+__all__ = ["QuantizedWeight", "gptq_quantize", "output_error"]
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer levels and grid of one weight, in the original column order."""
+
+    q: torch.Tensor  # [out, in] int32 levels in [0, 2^bits - 1]
+    scales: torch.Tensor  # [groups, out] float64 (float16-representable)
+    zeros: torch.Tensor  # [groups, out] int32
+    g_idx: torch.Tensor  # [in] int32: group of each input column
+    grid: Grid
+
+    def dequantize(self) -> torch.Tensor:
+        """The float64 weight [out, in] this represents."""
+        g = self.g_idx.long()
+        return self.scales.T[:, g] * (self.q.double() - self.zeros.T[:, g].double())
+
+
+class NotPositiveDefinite(ValueError):
+    pass
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
+                  act_order: bool = False, block_size: int = 128) -> QuantizedWeight:
+    """Quantize `weight` [out, in] given the input Hessian `hessian` [in, in] (any positive scale)."""
+    W = weight.detach().to(torch.float64).clone()
+    H = hessian.detach().to(torch.float64).clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except RuntimeError as exc:  # torch raises LinAlgError (a RuntimeError) when H is not SPD
+        raise NotPositiveDefinite(f"the damped input Hessian is not positive definite ({exc})") from exc
+
+    gs = cols if grid.group_size == -1 else grid.group_size
+    step = gs if grid.group_size != -1 else block_size  # blocks aligned to groups (see module doc)
+    Q = torch.zeros_like(W)
+    n_groups = grid.groups(cols)
+    scales = torch.empty(n_groups, rows, dtype=torch.float64)
+    zeros = torch.empty(n_groups, rows, dtype=torch.float64)
+    scale = zero = None
+    for i1 in range(0, cols, step):
+        i2 = min(i1 + step, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:
+                scale, zero = find_params(W1[:, i:i + gs] if grid.group_size != -1 else W, grid)
+                scales[col // gs], zeros[col // gs] = scale, zero
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = quantize(w, scale, zero, grid.maxq)
+            Q[:, col] = q
+            err = (w - dequantize(q, scale, zero)) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(cols) // gs)[inv]
+    return QuantizedWeight(Q[:, inv].to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), grid)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||(W - W') X||^2 / ||W X||^2 from H = X X^T (any scale): the error GPTQ minimises, relative."""
+    W = weight.double()
+    D = W - approx.double()
+    H = hessian.double()
+    num = torch.einsum("ij,jk,ik->", D, H, D)
+    den = torch.einsum("ij,jk,ik->", W, H, W)
+    return float(num / den) if den > 0 else 0.0
