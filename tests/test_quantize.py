@@ -327,3 +327,13 @@ def test_unpackable_layer_width_is_refused(tmp_path, tokenizer_dir):
     result = _quantize(src, tmp_path / "out")
     assert result.exit_code == 2
     assert "not a multiple of 32" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_float32_products_accumulate_close_to_float64():
+    from lowrank_cli.engine import calibration
+
+    x = torch.randn(3000, 40) * torch.linspace(0.01, 10, 40)
+    exact = calibration.accumulate_gram(None, x)
+    fast = calibration.accumulate_gram(None, x, torch.float32)
+    assert fast.dtype == torch.float64
+    assert torch.allclose(fast, exact, rtol=1e-5, atol=1e-5 * float(exact.diagonal().mean()))

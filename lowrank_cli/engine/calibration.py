@@ -18,15 +18,21 @@ __all__ = ["InputGrams", "run_stored", "accumulate_gram"]
 # Tokens cast to float64 per step in `accumulate_gram`: bounds the float64 copy of a large
 # activation batch (tokens x n x 8 bytes) while keeping each matmul big enough to run at full speed.
 _GRAM_CHUNK_ROWS = 8192
+# Tokens per lower-precision product (see `product_dtype`): short sums keep its rounding error small.
+_LOW_PRECISION_CHUNK_ROWS = 1024
 
 
-def accumulate_gram(gram: Tensor | None, x: Tensor) -> Tensor:
+def accumulate_gram(gram: Tensor | None, x: Tensor, product_dtype=None) -> Tensor:
     """Add the input Gram x^T x of one batch of activations to a running float64 Gram.
 
     Args:
         gram: The running n x n float64 Gram, or None to start one. It is updated in place (the
             Gram of a wide MLP input is ~1 GB in float64, so no copy is made) and returned.
         x: Activations of shape (..., n) in any float dtype; every leading index is one token.
+        product_dtype: dtype of each chunk's product X_c^T X_c before it is added to the float64 sum;
+            float64 by default (exact enough for the smallest directions that decide a low-rank tail).
+            GPTQ passes float32: its Hessian is damped by 1% of the mean diagonal, far above float32
+            rounding, and float32 products run about twice as fast on CPU.
 
     Returns:
         The n x n float64 Gram, on x's device when it was created here, otherwise on gram's device.
@@ -42,11 +48,16 @@ def accumulate_gram(gram: Tensor | None, x: Tensor) -> Tensor:
         gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     elif gram.shape != (n, n) or gram.dtype != torch.float64:
         raise ValueError(f"Gram must be float64 {n} x {n}, got {gram.dtype} {tuple(gram.shape)}")
-    for start in range(0, rows.shape[0], _GRAM_CHUNK_ROWS):
-        # Cast before the product: half-precision sums of thousands of squared activations overflow
-        # or lose the small directions that decide the high-rank error.
-        chunk = rows[start : start + _GRAM_CHUNK_ROWS].to(device=gram.device, dtype=torch.float64)
-        gram.addmm_(chunk.T, chunk)
+    if product_dtype in (None, torch.float64):
+        for start in range(0, rows.shape[0], _GRAM_CHUNK_ROWS):
+            # Cast before the product: half-precision sums of thousands of squared activations overflow
+            # or lose the small directions that decide the high-rank error.
+            chunk = rows[start : start + _GRAM_CHUNK_ROWS].to(device=gram.device, dtype=torch.float64)
+            gram.addmm_(chunk.T, chunk)
+        return gram
+    for start in range(0, rows.shape[0], _LOW_PRECISION_CHUNK_ROWS):
+        chunk = rows[start : start + _LOW_PRECISION_CHUNK_ROWS].to(device=gram.device, dtype=product_dtype)
+        gram += (chunk.T @ chunk).to(torch.float64)
     return gram
 
 
@@ -63,8 +74,9 @@ class InputGrams:
     the block would be wasted work).
     """
 
-    def __init__(self, block, locals_: list[str], halt: bool = False):
+    def __init__(self, block, locals_: list[str], halt: bool = False, product_dtype=None):
         self.block, self.locals, self.halt = block, list(locals_), halt
+        self.product_dtype = product_dtype
         self.grams: dict[str, torch.Tensor] = {}
         self.group_of: dict[str, str] = {}
         self.order: list[str] = []
@@ -90,7 +102,7 @@ class InputGrams:
             key = next((k for obj, k in self._recent if obj is x), None)
             if key is None:
                 key = self.group_of.get(local, local)
-                self.grams[key] = accumulate_gram(self.grams.get(key), x.detach())
+                self.grams[key] = accumulate_gram(self.grams.get(key), x.detach(), self.product_dtype)
                 if key == local and key not in self.order:
                     self.order.append(key)
                 self._recent.append((x, key))

@@ -56,9 +56,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    dev = W.device
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=dev)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype, device=dev)
     try:
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
@@ -69,8 +70,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     step = gs if grid.group_size != -1 else block_size  # blocks aligned to groups (see module doc)
     Q = torch.zeros_like(W)
     n_groups = grid.groups(cols)
-    scales = torch.empty(n_groups, rows, dtype=torch.float64)
-    zeros = torch.empty(n_groups, rows, dtype=torch.float64)
+    scales = torch.empty(n_groups, rows, dtype=torch.float64, device=dev)
+    zeros = torch.empty(n_groups, rows, dtype=torch.float64, device=dev)
     scale = zero = None
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
@@ -92,7 +93,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
-    g_idx = (torch.arange(cols) // gs)[inv]
+    g_idx = (torch.arange(cols, device=dev) // gs)[inv]
     return QuantizedWeight(Q[:, inv].to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), grid)
 
 

@@ -81,12 +81,12 @@ def rtn_quantize(weight: torch.Tensor, grid: Grid):
     gs = cols if grid.group_size == -1 else grid.group_size
     n_groups = grid.groups(cols)
     q = torch.empty_like(w)
-    scales = torch.empty(n_groups, rows, dtype=torch.float64)
-    zeros = torch.empty(n_groups, rows, dtype=torch.float64)
+    scales = torch.empty(n_groups, rows, dtype=torch.float64, device=w.device)
+    zeros = torch.empty(n_groups, rows, dtype=torch.float64, device=w.device)
     for g in range(n_groups):
         sl = slice(g * gs, min(cols, (g + 1) * gs))
         scale, zero = find_params(w[:, sl], grid)
         q[:, sl] = quantize(w[:, sl], scale, zero, grid.maxq)
         scales[g], zeros[g] = scale, zero
-    g_idx = torch.arange(cols) // gs
+    g_idx = torch.arange(cols, device=w.device) // gs
     return QuantizedWeight(q.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), grid)

@@ -71,6 +71,7 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """The four checkpoint tensors of one layer (names without the module prefix)."""
     bits = qw.grid.bits
+    qw = QuantizedWeight(qw.q.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.g_idx.cpu(), qw.grid)
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"unsupported bits {bits}")
     out_f, in_f = qw.q.shape

@@ -59,7 +59,8 @@ def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, d
     """Quantize every target (block linears) in place, block by block; packed tensors and the block's other
     tensors go to `sink`; returns the quantized model's NLL on `evalw` and per-layer reports."""
     start = time.perf_counter()
-    acts_c = streamed.capture(calib, batch_size)
+    need_calib = method != "rtn"
+    acts_c = streamed.capture(calib, batch_size) if need_calib else None
     acts_e = streamed.capture(evalw, batch_size)
     by_block: dict[int, list] = {}
     for t in targets:
@@ -70,11 +71,20 @@ def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, d
         block = streamed.load_block(i)
         mine = {t.local: t for t in by_block.get(i, [])}
         packed: dict[str, dict] = {}
-        if mine:
+        if mine and method == "rtn":  # no data needed: round every layer where it is
+            for local, target in mine.items():
+                module = block.get_submodule(local)
+                qw, report = quantize_layer(module.weight.detach(), None, grid, method=method, damp=damp,
+                                            act_order=act_order)
+                with torch.no_grad():
+                    module.weight.copy_(qw.dequantize().to(module.weight.dtype))
+                packed[local] = pack(qw)
+                reports.append({"name": target.name, **report})
+        elif mine:
             with InputGrams(block, list(mine)) as probe:  # learn the input groups and their order
                 run_stored(block, acts_c, i, keep=False, batches=1)
             for group in probe.groups():
-                with InputGrams(block, group, halt=True) as grams:
+                with InputGrams(block, group, halt=True, product_dtype=torch.float32) as grams:
                     run_stored(block, acts_c, i, keep=False)
                 for local in group:
                     module = block.get_submodule(local)
@@ -85,9 +95,10 @@ def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, d
                     packed[local] = pack(qw)
                     reports.append({"name": mine[local].name, **report})
                 del grams
-        new_c = run_stored(block, acts_c, i, keep=True)
-        acts_c.release()
-        acts_c = new_c
+        if need_calib:
+            new_c = run_stored(block, acts_c, i, keep=True)
+            acts_c.release()
+            acts_c = new_c
         new_e = run_stored(block, acts_e, i, keep=True)
         acts_e.release()
         acts_e = new_e
@@ -106,5 +117,6 @@ def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, d
             progress()
     nll = NLL(*streamed.head_nll(acts_e, evalw, batch_size))
     acts_e.release()
-    acts_c.release()
+    if acts_c is not None:
+        acts_c.release()
     return QuantizePassOutcome(nll, reports, time.perf_counter() - start)
