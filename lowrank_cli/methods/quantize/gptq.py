@@ -23,7 +23,7 @@ import torch
 
 from lowrank_cli.methods.quantize.grid import Grid, dequantize, find_params, quantize
 
-__all__ = ["QuantizedWeight", "gptq_quantize", "output_error"]
+__all__ = ["QuantizedWeight", "gptq_quantize", "output_error", "output_errors"]
 
 
 @dataclass
@@ -99,9 +99,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """||(W - W') X||^2 / ||W X||^2 from H = X X^T (any scale): the error GPTQ minimises, relative."""
-    W = weight.double()
-    D = W - approx.double()
-    H = hessian.double()
-    num = torch.einsum("ij,jk,ik->", D, H, D)
-    den = torch.einsum("ij,jk,ik->", W, H, W)
-    return float(num / den) if den > 0 else 0.0
+    return output_errors(weight, [approx], hessian)[0]
+
+
+def output_errors(weight: torch.Tensor, approxes: list[torch.Tensor], hessian: torch.Tensor) -> list[float]:
+    """`output_error` of several approximations of one weight, sharing the denominator. A report, not part
+    of the solve: float32 products (one m x n x n GEMM each) are plenty for three significant digits."""
+    H = hessian.float()
+    W = weight.float()
+    den = float(((W @ H) * W).sum())
+    out = []
+    for approx in approxes:
+        D = (weight.double() - approx.double()).float()
+        out.append(float(((D @ H) * D).sum()) / den if den > 0 else 0.0)
+    return out

@@ -17,7 +17,7 @@ import torch
 
 from lowrank_cli.engine.calibration import InputGrams, run_stored
 from lowrank_cli.eval.perplexity import NLL
-from lowrank_cli.methods.quantize.gptq import NotPositiveDefinite, gptq_quantize, output_error
+from lowrank_cli.methods.quantize.gptq import NotPositiveDefinite, gptq_quantize, output_errors
 from lowrank_cli.methods.quantize.grid import Grid, rtn_quantize
 from lowrank_cli.methods.quantize.packing import pack
 
@@ -35,7 +35,8 @@ class QuantizePassOutcome:
 
 def quantize_layer(weight: torch.Tensor, gram: torch.Tensor | None, grid: Grid, *, method: str, damp: float,
                    act_order: bool):
-    """(QuantizedWeight, report) for one layer. `gram` = X^T X of its calibration inputs (None for rtn)."""
+    """(QuantizedWeight, its dequantized float64 weight, report) for one layer. `gram` = X^T X of its
+    calibration inputs (None for rtn)."""
     rtn = rtn_quantize(weight, grid)
     if method == "rtn":
         qw = rtn
@@ -46,12 +47,12 @@ def quantize_layer(weight: torch.Tensor, gram: torch.Tensor | None, grid: Grid, 
             log.warning("Hessian not positive definite even after damping; using 10x the damping")
             qw = gptq_quantize(weight, gram, grid, damp=max(10 * damp, 0.1), act_order=act_order)
     report = {"shape": list(weight.shape)}
+    deq = qw.dequantize()
     if gram is not None:
-        report["output_error"] = output_error(weight, qw.dequantize(), gram)
-        report["rtn_output_error"] = output_error(weight, rtn.dequantize(), gram)
-    report["weight_error"] = float((weight.double() - qw.dequantize()).square().sum()
+        report["output_error"], report["rtn_output_error"] = output_errors(weight, [deq, rtn.dequantize()], gram)
+    report["weight_error"] = float((weight.double() - deq).square().sum()
                                    / weight.double().square().sum().clamp(min=1e-300))
-    return qw, report
+    return qw, deq, report
 
 
 def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, damp: float, act_order: bool,
@@ -74,10 +75,10 @@ def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, d
         if mine and method == "rtn":  # no data needed: round every layer where it is
             for local, target in mine.items():
                 module = block.get_submodule(local)
-                qw, report = quantize_layer(module.weight.detach(), None, grid, method=method, damp=damp,
-                                            act_order=act_order)
+                qw, deq, report = quantize_layer(module.weight.detach(), None, grid, method=method, damp=damp,
+                                                 act_order=act_order)
                 with torch.no_grad():
-                    module.weight.copy_(qw.dequantize().to(module.weight.dtype))
+                    module.weight.copy_(deq.to(module.weight.dtype))
                 packed[local] = pack(qw)
                 reports.append({"name": target.name, **report})
         elif mine:
@@ -88,10 +89,10 @@ def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, d
                     run_stored(block, acts_c, i, keep=False)
                 for local in group:
                     module = block.get_submodule(local)
-                    qw, report = quantize_layer(module.weight.detach(), grams.gram(local), grid, method=method,
-                                                damp=damp, act_order=act_order)
+                    qw, deq, report = quantize_layer(module.weight.detach(), grams.gram(local), grid,
+                                                     method=method, damp=damp, act_order=act_order)
                     with torch.no_grad():  # later groups and blocks see the quantized layer
-                        module.weight.copy_(qw.dequantize().to(module.weight.dtype))
+                        module.weight.copy_(deq.to(module.weight.dtype))
                     packed[local] = pack(qw)
                     reports.append({"name": mine[local].name, **report})
                 del grams
