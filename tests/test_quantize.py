@@ -149,8 +149,9 @@ def test_real_layer_data_gptq_below_rtn():
 
 # -- the command ---------------------------------------------------------------------------------------------
 def _quantize(src, out, *extra):
-    from lowrank_cli.cli.app import app
     from typer.testing import CliRunner
+
+    from lowrank_cli.cli.app import app
 
     return CliRunner().invoke(app, ["quantize", str(src), "-o", str(out), "--calib-samples", "8", "--seq-len",
                                     "64", "--eval-tokens", "256", "--json", *extra])
@@ -260,10 +261,11 @@ def test_gpt_bigcode_output_loads_with_remote_code(tiny_bigcode, tmp_path):
 
 @pytest.mark.slow
 def test_factorized_checkpoint_both_factors_quantized(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
     from lowrank_cli.cli.app import app
     from lowrank_cli.io.checkpoint import Checkpoint
     from lowrank_cli.modeling.export import ranks_of
-    from typer.testing import CliRunner
 
     lord = tmp_path / "lord"
     r = CliRunner().invoke(app, ["decompose", str(tiny_llama), "-o", str(lord), "--rank", "32",

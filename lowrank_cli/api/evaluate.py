@@ -48,7 +48,6 @@ def evaluate(model: str, *, data: str | None = None, text_field: str = "text", s
     start = time.perf_counter()
     if streaming:
         from lowrank_cli.engine.streamed import StreamedModel
-
         from lowrank_cli.io.gptq_view import dequantizing
 
         streamed = StreamedModel(dequantizing(ckpt), device=device, dtype=torch_dtype)

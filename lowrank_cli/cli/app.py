@@ -12,7 +12,14 @@ from lowrank_cli import __version__
 from lowrank_cli.cli import decompose as decompose_cmd
 from lowrank_cli.cli import env as env_cmd
 from lowrank_cli.cli import eval as eval_cmd
+from lowrank_cli.cli import finetune as finetune_cmd
+from lowrank_cli.cli import merge as merge_cmd
+from lowrank_cli.cli import quantize as quantize_cmd
+from lowrank_cli.cli import recipe as recipe_cmd
+from lowrank_cli.cli import run as run_cmd
+from lowrank_cli.cli import trp as trp_cmd
 from lowrank_cli.cli.runner import STATE, json_error
+from lowrank_cli.recipes.config_option import ConfigGroup
 
 __all__ = ["app", "main"]
 
@@ -35,6 +42,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=ConfigGroup,  # every command takes --config FILE
 )
 
 
@@ -59,6 +67,12 @@ def root(
 app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_command)
 app.command("decompose", epilog=decompose_cmd.EPILOG)(decompose_cmd.decompose_command)
 app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_command)
+app.command("finetune", epilog=finetune_cmd.EPILOG)(finetune_cmd.finetune_command)
+app.command("quantize", epilog=quantize_cmd.EPILOG)(quantize_cmd.quantize_command)
+app.command("merge", epilog=merge_cmd.EPILOG)(merge_cmd.merge_command)
+app.command("run", epilog=run_cmd.EPILOG, context_settings=run_cmd.CONTEXT)(run_cmd.run_command)
+app.add_typer(recipe_cmd.recipe_app, name="recipe")
+app.command("trp-train", epilog=trp_cmd.EPILOG)(trp_cmd.trp_command)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import typer
 
 from lowrank_cli.errors import LowrankError
 from lowrank_cli.result import RESULT_SCHEMA
+from lowrank_cli.utils.streams import stdout_to_stderr
 
 __all__ = ["GlobalState", "STATE", "run", "json_error"]
 
@@ -29,6 +31,9 @@ __all__ = ["GlobalState", "STATE", "run", "json_error"]
 class GlobalState:
     verbose: int = 0
     quiet: bool = False
+    # `lowrank run` sets this while a step runs: it receives the step's result (or error) document, and
+    # under --json nothing is printed, so the run prints one object for all its steps
+    sink: Callable[[dict], None] | None = None
 
 
 STATE = GlobalState()
@@ -53,6 +58,11 @@ def _configure_logging(json_mode: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not STATE.verbose:
+        # Optional quantization libraries that transformers imports when installed: torchao warns about
+        # its CUDA-only extensions, torch about torchao's pytree registrations. Shown with -v.
+        for noisy in ("torchao", "torch.utils._pytree", "optimum", "gptqmodel"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
@@ -99,12 +109,20 @@ def _emit_json(doc: dict) -> None:
     sys.stdout.flush()
 
 
-def json_error(command: str, kind: str, message: str, code: int, hint: str | None = None) -> None:
-    _emit_json({"schema": RESULT_SCHEMA, "command": command, "status": "error", "exit_code": code,
-                "error": {"type": kind, "message": message, "hint": hint}})
+def _error_doc(command: str, kind: str, message: str, code: int, hint: str | None = None) -> dict:
+    return {"schema": RESULT_SCHEMA, "command": command, "status": "error", "exit_code": code,
+            "error": {"type": kind, "message": message, "hint": hint}}
+
+
+def json_error(command: str, kind: str, message: str, code: int, hint: str | None = None,
+               extra: dict | None = None) -> None:
+    _emit_json({**_error_doc(command, kind, message, code, hint), **(extra or {})})
 
 
 def _render_human(result) -> None:
+    if hasattr(result, "render"):  # results that are text to print as is (e.g. `recipe show`)
+        result.render()
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -125,7 +143,9 @@ def run(command: str, job: Callable, *, json_mode: bool) -> None:
         logging.getLogger("lowrank").handlers[0].stream = _ConsoleStream(console)
     log = logging.getLogger("lowrank")
     try:
-        result = job(progress)
+        # libraries that print banners (gptqmodel does when a GPTQ model loads) must not break the JSON
+        with stdout_to_stderr() if json_mode else contextlib.nullcontext():
+            result = job(progress)
     except LowrankError as exc:
         _fail(command, exc.kind, exc.message, exc.exit_code, exc.hint, json_mode, exc)
     except KeyboardInterrupt:
@@ -138,10 +158,14 @@ def run(command: str, job: Callable, *, json_mode: bool) -> None:
         close = getattr(progress, "close", None)
         if close:
             close()
-    if json_mode:
-        doc = {"schema": RESULT_SCHEMA, "command": command, "status": "ok", "exit_code": 0}
+    doc = {"schema": RESULT_SCHEMA, "command": command, "status": "ok", "exit_code": 0}
+    if json_mode or STATE.sink is not None:
         doc.update(result.to_dict())
-        _emit_json(doc)
+    if STATE.sink is not None:
+        STATE.sink(doc)
+    if json_mode:
+        if STATE.sink is None:
+            _emit_json(doc)
     else:
         _render_human(result)
     log.debug("done")
@@ -152,8 +176,12 @@ def _fail(command, kind, message, code, hint, json_mode, exc) -> None:
     if STATE.verbose >= 1 and exc is not None:
         traceback.print_exception(exc, file=sys.stderr)
     sys.stderr.write(f"error: {first_line}\n")
+    for line in getattr(exc, "lines", ()):  # errors that list several problems (a recipe's)
+        sys.stderr.write(f"{line}\n")
     if hint:
         sys.stderr.write(f"hint: {hint}\n")
-    if json_mode:
-        json_error(command, kind, first_line, code, hint)
+    if STATE.sink is not None:
+        STATE.sink(_error_doc(command, kind, first_line, code, hint))
+    elif json_mode:
+        json_error(command, kind, first_line, code, hint, getattr(exc, "json_extra", None))
     raise typer.Exit(code)
