@@ -176,7 +176,7 @@ def test_quantize_writes_gptq_checkpoint(quantized_llama, tiny_llama):
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == ("gptq", 4, 32,
-                                                                                               True, False)
+                                                                                               False, True)
     from lowrank_cli.io.checkpoint import Checkpoint
 
     ckpt = Checkpoint(out)
@@ -233,7 +233,7 @@ def test_other_bit_widths_reload(tiny_llama, tmp_path, bits):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / f"q{bits}"
-    result = _quantize(tiny_llama, out, "--bits", str(bits), "--group-size", "32", "--no-sym", "--act-order",
+    result = _quantize(tiny_llama, out, "--bits", str(bits), "--group-size", "32", "--sym", "--no-act-order",
                        "--skip-eval")
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")

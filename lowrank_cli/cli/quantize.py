@@ -12,8 +12,10 @@ from lowrank_cli.cli.runner import run
 EPILOG = """\
 [bold]Examples[/bold]
 
-  # 4-bit GPTQ, groups of 128 input columns (the common setting)
+  # 4-bit GPTQ, groups of 128 input columns, asymmetric, act-order (the defaults)
   lowrank quantize demo -o out/demo-gptq4
+  # symmetric, natural column order: what the fastest GPU kernels (Marlin) want
+  lowrank quantize demo --sym --no-act-order -o out/demo-gptq4-sym
   # a factorized checkpoint from decompose: both factors of every layer are quantized
   lowrank quantize out/demo-lord -o out/demo-lord-gptq4 --bits 4 --group-size 64
   # round-to-nearest on the same grid, for comparison
@@ -35,10 +37,12 @@ def quantize_command(
     group_size: Annotated[int, typer.Option("--group-size", help="Input columns sharing one scale and zero "
                                             "point; -1 = one per output channel. Need not divide the layer "
                                             "width (the last group is shorter).", rich_help_panel=GRID)] = 128,
-    sym: Annotated[bool, typer.Option("--sym/--no-sym", help="Symmetric grid (zero point in the middle) or "
-                                      "asymmetric (min/max).", rich_help_panel=GRID)] = True,
-    act_order: Annotated[bool, typer.Option("--act-order", help="Quantize columns in decreasing order of "
-                                            "input energy (desc_act).", rich_help_panel=GRID)] = False,
+    sym: Annotated[bool, typer.Option("--sym/--no-sym", help="Symmetric grid (zero point in the middle; what "
+                                      "Marlin-class GPU kernels want) or asymmetric (min/max of each group; "
+                                      "more accurate).", rich_help_panel=GRID)] = False,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="Quantize columns in "
+                                            "decreasing order of input energy (desc_act; more accurate).",
+                                            rich_help_panel=GRID)] = True,
     damp: Annotated[float, typer.Option("--damp", help="Hessian damping, a fraction of its mean diagonal.",
                                         rich_help_panel=GRID)] = 0.01,
     method: Annotated[str, typer.Option("--method", help="gptq: error-feedback solve on calibration text; "
