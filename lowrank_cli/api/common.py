@@ -10,7 +10,8 @@ from lowrank_cli.data.sources import STDLIB, STDLIB_PROSE, load_documents
 from lowrank_cli.data.windows import windows_from_documents
 from lowrank_cli.errors import UsageError
 
-__all__ = ["load_tokenizer", "text_windows", "Timer", "check_device"]
+__all__ = ["load_tokenizer", "text_windows", "Timer", "check_device", "with_overrides",
+           "calibration_and_eval_windows"]
 
 
 def load_tokenizer(path: Path):
@@ -37,6 +38,18 @@ def text_windows(tokenizer, spec: str | None, *, part: str, seq_len: int, max_to
     what = f"{part} data '{spec or STDLIB}'"
     return windows_from_documents(tokenizer, docs, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
                                   what=what)
+
+
+def calibration_and_eval_windows(tokenizer, opts):
+    """(calibration, evaluation) windows of a solver run (decompose, quantize) from the options it shares:
+    calib, calib_samples, calib_seq_len, eval_data, eval_tokens, seed, text_field. The two never overlap."""
+    calib = text_windows(tokenizer, opts.calib, part="calib", seq_len=opts.calib_seq_len,
+                         max_tokens=opts.calib_samples * opts.calib_seq_len, seed=opts.seed,
+                         text_field=opts.text_field, same_source_as=opts.eval_data)
+    evalw = text_windows(tokenizer, opts.eval_data, part="eval", seq_len=opts.calib_seq_len,
+                         max_tokens=opts.eval_tokens, seed=opts.seed, text_field=opts.text_field,
+                         same_source_as=opts.calib)
+    return calib, evalw
 
 
 def check_device(device: str) -> str:
@@ -67,3 +80,13 @@ class Timer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def with_overrides(opts, overrides: dict):
+    """`opts` (an options dataclass) with keyword overrides applied: `decompose(model, params_ratio=0.8)`.
+    An unknown name is a programming error (TypeError), not a user's."""
+    for key, value in overrides.items():
+        if not hasattr(opts, key):
+            raise TypeError(f"unknown option {key}")
+        setattr(opts, key, value)
+    return opts

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lowrank_cli.api.common import check_device
+from lowrank_cli.api.common import check_device, with_overrides
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import check_output_target
@@ -146,11 +146,7 @@ def decompose(model: str, opts: DecomposeOptions | None = None, progress: Progre
     """Compress MODEL; see DecomposeOptions. Raises UsageError (2) or BudgetNotMet (3)."""
     from lowrank_cli.api import decompose_flow
 
-    opts = opts or DecomposeOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"unknown option {key}")
-        setattr(opts, key, value)
+    opts = with_overrides(opts or DecomposeOptions(), overrides)
     opts.validate()
     path = resolve_model(model)
     if opts.output and not opts.dry_run:

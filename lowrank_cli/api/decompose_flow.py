@@ -8,7 +8,7 @@ import resource
 import shutil
 from pathlib import Path
 
-from lowrank_cli.api.common import Timer, load_tokenizer, text_windows
+from lowrank_cli.api.common import Timer, calibration_and_eval_windows, load_tokenizer
 from lowrank_cli.engine.streamed import release_freed_memory
 from lowrank_cli.errors import BudgetNotMet, UsageError
 from lowrank_cli.io.manifest import write_manifest
@@ -99,12 +99,7 @@ def run(model: str, path: Path, ckpt, opts, progress):
 
     tokenizer = load_tokenizer(path)
     with timer("data"):
-        calib = text_windows(tokenizer, opts.calib, part="calib", seq_len=opts.calib_seq_len,
-                             max_tokens=opts.calib_samples * opts.calib_seq_len, seed=opts.seed,
-                             text_field=opts.text_field, same_source_as=opts.eval_data)
-        evalw = text_windows(tokenizer, opts.eval_data, part="eval", seq_len=opts.calib_seq_len,
-                             max_tokens=opts.eval_tokens, seed=opts.seed, text_field=opts.text_field,
-                             same_source_as=opts.calib)
+        calib, evalw = calibration_and_eval_windows(tokenizer, opts)
     log.info("calibration %d x %d tokens, evaluation %d x %d tokens", *calib.shape, *evalw.shape)
     torch.manual_seed(opts.seed)
 

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lowrank_cli.api.common import check_device, load_tokenizer
+from lowrank_cli.api.common import check_device, load_tokenizer, with_overrides
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
@@ -169,18 +169,14 @@ def default_checkpoint_dir(output: str | Path) -> Path:
 def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress | None = None,
              **overrides) -> FinetuneResult:
     """Fine-tune MODEL with opts.method; see FinetuneOptions. Raises UsageError (2) on bad input."""
-    opts = opts or FinetuneOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"unknown option {key}")
-        setattr(opts, key, value)
+    opts = with_overrides(opts or FinetuneOptions(), overrides)
     progress = progress or Progress()
     opts.validate()
     path = resolve_model(model)
     check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
     check_device(opts.device)
     from lowrank_cli.methods.finetune.registry import get_method
-    from lowrank_cli.train.loop import check_resume, run_fingerprint
+    from lowrank_cli.train.loop import resume_point, run_fingerprint
 
     method = get_method(opts.method)
     ckpt = Checkpoint(path)
@@ -188,7 +184,9 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
     loop_config = opts.loop_config(opts.fingerprint(ckpt.fingerprint()))
     ckpt_dir = Path(opts.checkpoint_dir).expanduser().resolve() if opts.checkpoint_dir \
         else default_checkpoint_dir(opts.output)
-    resume_from = _check_checkpoint_dir(ckpt_dir, opts, run_fingerprint(loop_config), check_resume)
+    resume_from = resume_point(ckpt_dir, run_fingerprint(loop_config), resume=opts.resume,
+                               save_every=opts.save_every, overwrite=opts.overwrite,
+                               explicit_dir=bool(opts.checkpoint_dir))
 
     from lowrank_cli.train.data import build_datasets, collate_fn
 
@@ -257,18 +255,6 @@ def _base_kind(ckpt: Checkpoint, opts: FinetuneOptions) -> str:
     return "factorized" if factorized else "dense"
 
 
-def _check_checkpoint_dir(ckpt_dir: Path, opts: FinetuneOptions, fingerprint: dict, check_resume):
-    """The step folder to resume from (None for a fresh run); refuses to mix a fresh run into a folder
-    that holds another run's checkpoints."""
-    if opts.resume:
-        return check_resume(ckpt_dir, fingerprint)
-    if opts.save_every and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
-        if opts.overwrite and not opts.checkpoint_dir:
-            shutil.rmtree(ckpt_dir)
-        else:
-            raise UsageError(f"the checkpoint folder '{ckpt_dir}' holds an earlier run's checkpoints: continue "
-                             "it with --resume, or remove the folder (--overwrite does for the default one)")
-    return None
 
 
 def _load_base(path: Path, ckpt: Checkpoint, opts: FinetuneOptions, base_kind: str):

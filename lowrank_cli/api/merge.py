@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowrank_cli.api.common import with_overrides
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint, read_header
 from lowrank_cli.io.output import check_output_target
@@ -151,11 +152,7 @@ def merge(model: str, opts: MergeOptions | None = None, progress: Progress | Non
     from lowrank_cli.methods.merge.plan import plan_folds
     from lowrank_cli.modeling.export import ranks_of
 
-    opts = opts or MergeOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"unknown option {key}")
-        setattr(opts, key, value)
+    opts = with_overrides(opts or MergeOptions(), overrides)
     opts.validate()
     path = resolve_model(model)
     adapter = read_adapter(opts.adapter) if opts.adapter else None

@@ -18,7 +18,13 @@ import resource
 import shutil
 from dataclasses import dataclass, field
 
-from lowrank_cli.api.common import Timer, check_device, load_tokenizer, text_windows
+from lowrank_cli.api.common import (
+    Timer,
+    calibration_and_eval_windows,
+    check_device,
+    load_tokenizer,
+    with_overrides,
+)
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
@@ -121,11 +127,7 @@ class QuantizeResult(Result):
 def quantize(model: str, opts: QuantizeOptions | None = None, progress: Progress | None = None,
              **overrides) -> QuantizeResult:
     """Quantize MODEL's block linears (both factors of each factorized layer). Raises UsageError (2)."""
-    opts = opts or QuantizeOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"unknown option {key}")
-        setattr(opts, key, value)
+    opts = with_overrides(opts or QuantizeOptions(), overrides)
     opts.validate()
     path = resolve_model(model)
     check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
@@ -166,12 +168,7 @@ def _run(model, path, ckpt, opts: QuantizeOptions, progress) -> QuantizeResult:
 
     tokenizer = load_tokenizer(path)
     with timer("data"):
-        calib = text_windows(tokenizer, opts.calib, part="calib", seq_len=opts.calib_seq_len,
-                             max_tokens=opts.calib_samples * opts.calib_seq_len, seed=opts.seed,
-                             text_field=opts.text_field, same_source_as=opts.eval_data)
-        evalw = text_windows(tokenizer, opts.eval_data, part="eval", seq_len=opts.calib_seq_len,
-                             max_tokens=opts.eval_tokens, seed=opts.seed, text_field=opts.text_field,
-                             same_source_as=opts.calib)
+        calib, evalw = calibration_and_eval_windows(tokenizer, opts)
     widest = max(t.n for t in targets)
     if opts.method == "gptq" and calib.numel() < widest:
         raise UsageError(f"calibration text too short: {calib.numel()} tokens for layers up to {widest} inputs "

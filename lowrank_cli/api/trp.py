@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lowrank_cli.api.common import with_overrides
 from lowrank_cli.errors import UsageError
 from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
@@ -148,10 +149,6 @@ def trp_train(model: str, opts: TRPOptions | None = None, progress: Progress | N
     """TRP-train MODEL and write the factorized result; see TRPOptions. UsageError (exit 2) on bad input."""
     from lowrank_cli.api import trp_flow
 
-    opts = opts or TRPOptions()
-    for key, value in overrides.items():
-        if not hasattr(opts, key):
-            raise TypeError(f"unknown option {key}")
-        setattr(opts, key, value)
+    opts = with_overrides(opts or TRPOptions(), overrides)
     opts.validate()
     return trp_flow.run(model, opts, progress or Progress())

@@ -76,18 +76,6 @@ def _check_base(model: str, ckpt: Checkpoint) -> None:
                          "(lowrank merge --dense gives one)")
 
 
-def _resume_dir(ckpt_dir: Path, opts, fingerprint: dict):
-    from lowrank_cli.train.loop import check_resume
-
-    if opts.resume:
-        return check_resume(ckpt_dir, fingerprint)
-    if opts.save_every and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
-        if opts.overwrite and not opts.checkpoint_dir:
-            shutil.rmtree(ckpt_dir)
-        else:
-            raise UsageError(f"the checkpoint folder '{ckpt_dir}' holds an earlier run's checkpoints: continue "
-                             "it with --resume, or remove the folder (--overwrite does for the default one)")
-    return None
 
 
 def _perplexity_windows(tokenizer, opts, data):
@@ -199,7 +187,7 @@ def run(model: str, opts, progress):
     from lowrank_cli.modeling.export import load_model
     from lowrank_cli.train.curve import plot_curve, write_curve_jsonl
     from lowrank_cli.train.data import build_datasets, collate_fn
-    from lowrank_cli.train.loop import run_fingerprint, train
+    from lowrank_cli.train.loop import resume_point, run_fingerprint, train
 
     timer = Timer()
     path = resolve_model(model)
@@ -214,7 +202,9 @@ def run(model: str, opts, progress):
     loop_config = opts.loop_config(opts.fingerprint(ckpt.fingerprint()))
     ckpt_dir = (Path(opts.checkpoint_dir).expanduser().resolve() if opts.checkpoint_dir
                 else default_checkpoint_dir(opts.output))
-    resume_from = _resume_dir(ckpt_dir, opts, run_fingerprint(loop_config))
+    resume_from = resume_point(ckpt_dir, run_fingerprint(loop_config), resume=opts.resume,
+                               save_every=opts.save_every, overwrite=opts.overwrite,
+                               explicit_dir=bool(opts.checkpoint_dir))
 
     tokenizer = load_tokenizer(path)
     with timer("data"):

@@ -82,32 +82,18 @@ def finetune_command(
     max_eval_examples: Annotated[int, typer.Option("--max-eval-examples", help="Held-out examples "
                                                    "evaluated.", rich_help_panel=DATA)] = 256,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAIN)] = 2e-4,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the data (default 1).",
-                                                 rich_help_panel=TRAIN, show_default=False)] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (overrides "
-                                                  "--epochs).", rich_help_panel=TRAIN, show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch (per GPU).",
-                                            rich_help_panel=TRAIN)] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.",
-                                            rich_help_panel=TRAIN)] = 1,
-    warmup: Annotated[float, typer.Option("--warmup", help="Linear warmup before the cosine decay: steps "
-                                          "if >= 1, else a fraction of the run.", rich_help_panel=TRAIN)] = 0.03,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.",
-                                                rich_help_panel=TRAIN)] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="Clip the gradient norm (0: off).",
-                                                 rich_help_panel=TRAIN)] = 1.0,
-    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Steps between eval losses "
-                                                   "(always before and after).", rich_help_panel=TRAIN,
-                                                   show_default=False)] = None,
+    epochs: opt.EPOCHS = None,
+    max_steps: opt.MAX_STEPS = None,
+    batch_size: opt.TRAIN_BATCH_SIZE = 4,
+    grad_accum: opt.GRAD_ACCUM = 1,
+    warmup: opt.WARMUP = 0.03,
+    weight_decay: opt.WEIGHT_DECAY = 0.0,
+    max_grad_norm: opt.MAX_GRAD_NORM = 1.0,
+    eval_every: opt.EVAL_EVERY = None,
     seed: opt.SEED = 0,
-    save_every: Annotated[int | None, typer.Option("--save-every", help="Steps between training "
-                                                   "checkpoints.", rich_help_panel=CKPT,
-                                                   show_default=False)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint of the same "
-                                         "run (same model, data and options).", rich_help_panel=CKPT)] = False,
-    checkpoint_dir: Annotated[str | None, typer.Option(
-        "--checkpoint-dir", help="Where training checkpoints go (kept after the run). Default: .OUT.checkpoints "
-        "next to OUT, removed once OUT is complete.", rich_help_panel=CKPT, show_default=False)] = None,
+    save_every: opt.SAVE_EVERY = None,
+    resume: opt.RESUME = False,
+    checkpoint_dir: opt.CHECKPOINT_DIR = None,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Load the base in 4-bit NF4 "
                                                "(bitsandbytes): QLoRA.", rich_help_panel=opt.RUN_PANEL)] = False,
     device: opt.DEVICE = "cpu",

@@ -55,7 +55,7 @@ from lowrank_cli.errors import UsageError
 from lowrank_cli.train.callbacks import Callback
 from lowrank_cli.utils.progress import Progress
 
-__all__ = ["LoopConfig", "LoopResult", "train", "latest_checkpoint", "check_resume", "STATE_FILE",
+__all__ = ["LoopConfig", "LoopResult", "train", "latest_checkpoint", "check_resume", "resume_point", "STATE_FILE",
            "fingerprint_diff", "run_fingerprint"]
 
 log = logging.getLogger("lowrank")
@@ -182,6 +182,23 @@ def check_resume(resume_from: str | Path, fingerprint: dict) -> Path:
         raise UsageError(f"--resume: checkpoint '{found}' is from another run (differs in "
                          f"{', '.join(diffs[:5])}); resume with the same model, method and options")
     return found
+
+
+def resume_point(checkpoint_dir: Path, fingerprint: dict, *, resume: bool, save_every: int | None,
+                 overwrite: bool, explicit_dir: bool) -> Path | None:
+    """The step folder a run continues from (None: a fresh run). A fresh run that would save into a folder
+    holding another run's checkpoints is refused, unless `overwrite` and the folder is the default one
+    (an explicitly chosen folder is the user's to clear)."""
+    if resume:
+        return check_resume(checkpoint_dir, fingerprint)
+    if save_every and checkpoint_dir.is_dir() and any(checkpoint_dir.iterdir()):
+        if overwrite and not explicit_dir:
+            shutil.rmtree(checkpoint_dir)
+        else:
+            raise UsageError(f"the checkpoint folder '{checkpoint_dir}' holds an earlier run's checkpoints: "
+                             "continue it with --resume, or remove the folder (--overwrite does for the default "
+                             "one)")
+    return None
 
 
 def _trainable_names(model) -> list[str]:

@@ -25,12 +25,11 @@ Authors' hyper-parameters: r 64 on all 7 projections, lr 2e-5, cosine, warmup 3%
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import torch
 from torch import nn
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.methods.finetune.lora import optimizer, save  # noqa: F401 - the same for MiSS adapters
 from lowrank_cli.methods.finetune.spec import AdapterSpec
 
 __all__ = ["attach", "optimizer", "save", "miss_config", "VARIANTS"]
@@ -89,15 +88,3 @@ def attach(model, spec: AdapterSpec):
 
     _check_targets(model, spec)
     return get_peft_model(model, miss_config(spec))
-
-
-def optimizer(model, spec: AdapterSpec, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-              eps: float = 1e-8):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-
-
-def save(model, folder: Path, spec: AdapterSpec, *, base_name_or_path: str | None = None) -> None:
-    if base_name_or_path is not None:
-        model.peft_config["default"].base_model_name_or_path = base_name_or_path
-    model.save_pretrained(str(folder))
