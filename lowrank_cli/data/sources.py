@@ -114,7 +114,8 @@ def _files_under(folder: Path) -> list[Path]:
     )
 
 
-def _documents_from_hub(spec: str, text_field: str) -> list[str]:
+def hub_dataset(spec: str):
+    """A datasets hub id (`name` or `name:split`, default split train) loaded, or a one-line UsageError."""
     try:
         import datasets
     except ImportError as exc:
@@ -122,10 +123,14 @@ def _documents_from_hub(spec: str, text_field: str) -> list[str]:
                          "pip install 'lowrank-cli[data]'") from exc
     name, _, split = spec.partition(":")
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        return datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # datasets raises many types: offline, unknown id, bad split
         raise UsageError(f"cannot load data '{spec}': no such file, folder or reachable dataset "
                          f"({type(exc).__name__})") from exc
+
+
+def _documents_from_hub(spec: str, text_field: str) -> list[str]:
+    ds = hub_dataset(spec)
     if text_field not in ds.column_names:
         raise UsageError(f"dataset '{spec}' has no column '{text_field}' (set --text-field)")
     return [str(v) for v in ds[text_field]]

@@ -114,17 +114,9 @@ def _read_file_records(path: Path) -> list[tuple[str, dict]]:
 
 
 def _hub_records(spec: str) -> list[tuple[str, dict]]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise UsageError(f"'{spec}' is no file or folder; a datasets hub id needs "
-                         "pip install 'lowrank-cli[data]'") from exc
-    name, _, split = spec.partition(":")
-    try:
-        ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as exc:  # offline, unknown id, bad split: one answer for the user
-        raise UsageError(f"cannot load data '{spec}': no such file, folder or reachable dataset "
-                         f"({type(exc).__name__})") from exc
+    from lowrank_cli.data.sources import hub_dataset
+
+    ds = hub_dataset(spec)
     return [(f"{spec} row {i}", r) for i, r in enumerate(ds)]
 
 
