@@ -48,7 +48,7 @@ class FinetuneOptions:
     eval_data: str | None = None  # default: 1 record in 10 of --data, by a stable hash
     text_field: str = "text"
     rank: int = 8
-    alpha: float = 16.0
+    alpha: float | None = None  # None: 16 (lora, lora-pro: scaling 2 at rank 8); loldu 1 (the paper's sigma = 1/r)
     dropout: float = 0.0
     rslora: bool = False
     targets: list[str] | None = None  # patterns; None = every linear in the decoder blocks
@@ -82,7 +82,7 @@ class FinetuneOptions:
             raise UsageError("an output folder is required: -o/--output OUT")
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
+        if self.alpha is not None and self.alpha <= 0:
             raise UsageError(f"--alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
@@ -102,7 +102,8 @@ class FinetuneOptions:
         self.loop_config({}).validate()
 
     def adapter_spec(self, targets: list[str]) -> AdapterSpec:
-        return AdapterSpec(method=self.method, targets=targets, rank=self.rank, alpha=self.alpha,
+        alpha = self.alpha if self.alpha is not None else (1.0 if self.method == "loldu" else 16.0)
+        return AdapterSpec(method=self.method, targets=targets, rank=self.rank, alpha=alpha,
                            dropout=self.dropout, rslora=self.rslora, bone_variant=self.bone_variant,
                            lora_pro_mode=self.lora_pro_mode)
 

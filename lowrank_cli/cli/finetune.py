@@ -49,8 +49,9 @@ def finetune_command(
         "LDU-initialized, diagonal-only training, exported as a LoRA adapter.", rich_help_panel=METHOD)] = "lora",
     rank: Annotated[int, typer.Option("--rank", "-r", help="Adapter rank (bone: block size).",
                                       rich_help_panel=METHOD)] = 8,
-    alpha: Annotated[float, typer.Option("--alpha", help="Scaling numerator: alpha/rank (alpha/sqrt(rank) "
-                                         "with --rslora).", rich_help_panel=METHOD)] = 16.0,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="Scaling numerator: alpha/rank (alpha/sqrt(rank) "
+                                                "with --rslora). Default 16; loldu 1 (the paper's sigma = 1/r).",
+                                                rich_help_panel=METHOD, show_default=False)] = None,
     dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input.",
                                            rich_help_panel=METHOD)] = 0.0,
     rslora: Annotated[bool, typer.Option("--rslora", help="Rank-stabilized scaling alpha/sqrt(rank).",
