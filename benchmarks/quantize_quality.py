@@ -9,14 +9,14 @@ is not separable, so it is included and reported as is).
     rtn4-asym-g128    round to nearest, 4-bit, asymmetric, groups of 128 (the reference's RTN)
     gptq4-sym-g128    GPTQ 4-bit symmetric g128 (gptqmodel's default grid)
     gptq4-asym-g128   GPTQ 4-bit asymmetric g128
-    gptq4-asym-g128-ao   ... with act-order
+    gptq4-asym-g128-ao   ... with act-order (the command's default grid)
     rtn3-asym-g128 / gptq3-asym-g128       3-bit
     rtn4-asym-pc / gptq4-asym-pc           4-bit per channel (group -1)
     gptqmodel4-sym-g128   gptqmodel 7.6.0 on the same windows (slow on CPU; pip install 'lowrank-cli[gptq]')
-    lord80+gptq4-asym-g128   decompose --params-ratio 0.8 (rank multiple 32), then GPTQ 4-bit
+    lord80+gptq4-asym-g128-ao   decompose --params-ratio 0.8 (rank multiple 32), then GPTQ 4-bit (defaults)
 
     python benchmarks/quantize_quality.py --model demo
-    python benchmarks/quantize_quality.py --model smollm2 --configs rtn4-asym-g128 gptq4-asym-g128
+    python benchmarks/quantize_quality.py --model smollm2 --configs rtn4-asym-g128 gptq4-asym-g128-ao
 
 Prints a table; writes benchmarks/results/quantize_quality-<model>.json.
 """
@@ -34,21 +34,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _grid(bits, sym, group):
-    return dict(bits=bits, sym=sym, group_size=group)
+def _grid(bits, sym, group, act_order=False):
+    return dict(bits=bits, sym=sym, group_size=group, act_order=act_order)
 
 
 CONFIGS = {
     "rtn4-asym-g128": dict(method="rtn", **_grid(4, False, 128)),
     "gptq4-sym-g128": dict(method="gptq", **_grid(4, True, 128)),
     "gptq4-asym-g128": dict(method="gptq", **_grid(4, False, 128)),
-    "gptq4-asym-g128-ao": dict(method="gptq", act_order=True, **_grid(4, False, 128)),
+    "gptq4-asym-g128-ao": dict(method="gptq", **_grid(4, False, 128, act_order=True)),
     "rtn3-asym-g128": dict(method="rtn", **_grid(3, False, 128)),
     "gptq3-asym-g128": dict(method="gptq", **_grid(3, False, 128)),
     "rtn4-asym-pc": dict(method="rtn", **_grid(4, False, -1)),
     "gptq4-asym-pc": dict(method="gptq", **_grid(4, False, -1)),
     "gptqmodel4-sym-g128": dict(method="gptqmodel", **_grid(4, True, 128)),
-    "lord80+gptq4-asym-g128": dict(method="gptq", decompose=0.8, **_grid(4, False, 128)),
+    "lord80+gptq4-asym-g128-ao": dict(method="gptq", decompose=0.8, **_grid(4, False, 128, act_order=True)),
 }
 DEFAULT = [c for c in CONFIGS if c != "gptqmodel4-sym-g128"]
 

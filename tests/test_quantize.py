@@ -339,3 +339,26 @@ def test_float32_products_accumulate_close_to_float64():
     fast = calibration.accumulate_gram(None, x, torch.float32)
     assert fast.dtype == torch.float64
     assert torch.allclose(fast, exact, rtol=1e-5, atol=1e-5 * float(exact.diagonal().mean()))
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_group_size_not_dividing_the_width_loads_and_runs(tiny_llama, tmp_path):
+    """SmolLM2's case (576-wide layers, group 128): gptqmodel's int4 CPU kernel refuses it at the first
+    forward, so the checkpoint names the torch kernel, which reads the shorter last group from g_idx."""
+    import os
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "uneven"
+    result = _quantize(tiny_llama, out, "--group-size", "128", "--skip-eval")  # 64-wide inputs: one short group
+    assert result.exit_code == 0, result.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["backend"] == "torch" and qc["group_size"] == 128
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    ids = torch.randint(0, 500, (1, 24))
+    with torch.no_grad():
+        a = model(ids).logits.float()
+        b = _dequantized_model(out)(ids).logits.float()
+    assert (a - b).abs().max() < 0.05 * b.abs().max()

@@ -37,6 +37,7 @@ __all__ = ["QuantizeOptions", "QuantizeResult", "quantize", "METHODS", "BITS"]
 log = logging.getLogger("lowrank")
 METHODS = ("gptq", "rtn")
 BITS = (2, 3, 4, 8)
+LOADABLE_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what gptqmodel's kernels accept
 
 
 @dataclass
@@ -165,6 +166,10 @@ def _run(model, path, ckpt, opts: QuantizeOptions, progress) -> QuantizeResult:
         hint = " (decompose with --rank-multiple 32)" if export.is_factorized(ckpt.config) else ""
         raise UsageError(f"cannot pack '{name}' in the GPTQ format: {reason}{more}{hint}")
     grid = Grid(opts.bits, opts.group_size, opts.sym)
+    if opts.group_size not in LOADABLE_GROUP_SIZES:
+        sizes = ", ".join(map(str, LOADABLE_GROUP_SIZES[1:]))
+        log.warning("group size %d: transformers + gptqmodel load only group sizes %s (and -1); "
+                    "`lowrank eval` still runs the output", opts.group_size, sizes)
 
     tokenizer = load_tokenizer(path)
     with timer("data"):
@@ -218,6 +223,14 @@ def _run(model, path, ckpt, opts: QuantizeOptions, progress) -> QuantizeResult:
                 "desc_act": opts.act_order, "sym": opts.sym, "checkpoint_format": "gptq",
                 "pack_dtype": "int32", "damp_percent": opts.damp, "true_sequential": True,
                 "meta": {"quantizer": ["lowrank_cli"], "method": opts.method}}
+            uneven = [t.name for t in targets if opts.group_size != -1 and t.n % opts.group_size]
+            if uneven:
+                # gptqmodel's fast kernels (int4 CPU matmul, exllama, marlin) need the group size to divide
+                # every input width and fail at the first forward otherwise; its torch kernel reads g_idx
+                # as written and runs anywhere. Loaders may still ask for another backend explicitly.
+                config["quantization_config"]["backend"] = "torch"
+                log.info("group size %d does not divide %d layer widths (e.g. %s): the checkpoint asks for "
+                         "gptqmodel's portable torch kernel", opts.group_size, len(uneven), uneven[0])
             config["dtype"] = "float16"
             config.pop("torch_dtype", None)
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
