@@ -18,7 +18,7 @@ __all__ = ["MANIFEST", "SCHEMA", "versions", "write_manifest", "read_manifest"]
 MANIFEST = "lowrank.json"
 SCHEMA = "lowrank.manifest/v1"
 _PACKAGES = ("lowrank-cli", "torch", "transformers", "safetensors", "accelerate", "huggingface_hub",
-             "tokenizers", "peft")
+             "tokenizers", "peft", "optimum", "gptqmodel", "bitsandbytes")
 
 
 def versions() -> dict[str, str | None]:
