@@ -318,8 +318,8 @@ def test_refuses_quantized_base(tiny_llama, tmp_path):
 @pytest.fixture(scope="module")
 def gptq_llama(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("gptq") / "llama-gptq8"
-    code, res = cli("quantize", tiny_llama, "-o", out, "--bits", "8", "--group-size", "32", "--calib-samples", "8",
-                    "--seq-len", "64", "--eval-tokens", "128", "--json")
+    code, res = cli("quantize", tiny_llama, "-o", out, "--bits", "8", "--group-size", "32", "--sym",
+                    "--no-act-order", "--calib-samples", "8", "--seq-len", "64", "--eval-tokens", "128", "--json")
     assert code == 0, res.output
     return out
 
@@ -343,7 +343,7 @@ def test_gptq_base_requantized(gptq_llama, tiny_llama, tmp_path):
     doc = json.loads(res.stdout)
     assert doc["output_format"] == "gptq" and doc["requantize"]["bits"] == 8
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert (qc["bits"], qc["group_size"], qc["sym"]) == (8, 32, True)
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (8, 32, True, False)  # the base's grid
     manifest = json.loads((out / "lowrank.json").read_text())
     assert manifest["command"] == "merge" and manifest["requantize"]["options"]["bits"] == 8
     assert not list(tmp_path.glob(".requantized*"))  # the scratch folder is gone
