@@ -457,3 +457,16 @@ def test_curve_jsonl_and_png(tmp_path, monkeypatch):
     finally:
         logging.getLogger("lowrank").removeHandler(handler)
     assert not (tmp_path / "d.png").exists() and any("matplotlib is not installed" in m for m in seen)
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_lora_pro_and_trp_refuse_sharded_launches(variable, monkeypatch, tmp_path):
+    from lowrank_cli.api.finetune import FinetuneOptions
+    from lowrank_cli.api.trp import TRPOptions
+
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(UsageError, match="DDP"):
+        FinetuneOptions(method="lora-pro", output=str(tmp_path / "o")).validate()
+    FinetuneOptions(method="lora", output=str(tmp_path / "o")).validate()  # LoRA shards fine
+    with pytest.raises(UsageError, match="DDP"):
+        TRPOptions(output=str(tmp_path / "o")).validate()

@@ -82,6 +82,11 @@ class FinetuneOptions:
             raise UsageError("an output folder is required: -o/--output OUT")
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        from lowrank_cli.train.loop import sharded_launch
+
+        if self.method == "lora-pro" and sharded_launch():
+            raise UsageError(f"lora-pro needs each layer's whole A and B on every process; {sharded_launch()} "
+                             "shards them: launch with plain data parallelism (DDP) instead")
         if self.alpha is not None and self.alpha <= 0:
             raise UsageError(f"--alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:

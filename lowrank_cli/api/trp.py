@@ -66,6 +66,11 @@ class TRPOptions:
 
     def validate(self) -> None:
         from lowrank_cli.methods.trp.svd import SVD_METHODS
+        from lowrank_cli.train.loop import sharded_launch
+
+        if sharded_launch():
+            raise UsageError(f"trp-train takes the SVD of whole weights on every process; {sharded_launch()} "
+                             "shards them: launch with plain data parallelism (DDP) instead")
 
         for name in ("energy", "final_energy"):
             value = getattr(self, name)

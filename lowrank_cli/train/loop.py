@@ -55,8 +55,8 @@ from lowrank_cli.errors import UsageError
 from lowrank_cli.train.callbacks import Callback
 from lowrank_cli.utils.progress import Progress
 
-__all__ = ["LoopConfig", "LoopResult", "train", "latest_checkpoint", "check_resume", "resume_point", "STATE_FILE",
-           "fingerprint_diff", "run_fingerprint"]
+__all__ = ["LoopConfig", "LoopResult", "train", "latest_checkpoint", "check_resume", "resume_point",
+           "sharded_launch", "STATE_FILE", "fingerprint_diff", "run_fingerprint"]
 
 log = logging.getLogger("lowrank")
 
@@ -198,6 +198,17 @@ def resume_point(checkpoint_dir: Path, fingerprint: dict, *, resume: bool, save_
             raise UsageError(f"the checkpoint folder '{checkpoint_dir}' holds an earlier run's checkpoints: "
                              "continue it with --resume, or remove the folder (--overwrite does for the default "
                              "one)")
+    return None
+
+
+def sharded_launch() -> str | None:
+    """"FSDP" or "DeepSpeed" when `accelerate launch` runs this process with parameter sharding, else None.
+    Methods that need each weight whole on every process (LoRA-Pro's paired A/B solve, TRP's SVDs) refuse
+    such launches up front instead of computing on shards."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return "DeepSpeed"
     return None
 
 
