@@ -12,7 +12,8 @@ is not separable, so it is included and reported as is).
     gptq4-asym-g128-ao   ... with act-order (the command's default grid)
     rtn3-asym-g128 / gptq3-asym-g128       3-bit
     rtn4-asym-pc / gptq4-asym-pc           4-bit per channel (group -1)
-    gptqmodel4-sym-g128   gptqmodel 7.6.0 on the same windows (slow on CPU; pip install 'lowrank-cli[gptq]')
+    gptqmodel4-sym-g128   gptqmodel 7.6.0 on the same windows (pip install 'lowrank-cli[gptq]')
+    gptqmodel4-asym-g128-ao   gptqmodel on our default grid (asymmetric, act-order)
     lord80+gptq4-asym-g128-ao   decompose --params-ratio 0.8 (rank multiple 32), then GPTQ 4-bit (defaults)
 
     python benchmarks/quantize_quality.py --model demo
@@ -48,9 +49,10 @@ CONFIGS = {
     "rtn4-asym-pc": dict(method="rtn", **_grid(4, False, -1)),
     "gptq4-asym-pc": dict(method="gptq", **_grid(4, False, -1)),
     "gptqmodel4-sym-g128": dict(method="gptqmodel", **_grid(4, True, 128)),
+    "gptqmodel4-asym-g128-ao": dict(method="gptqmodel", **_grid(4, False, 128, act_order=True)),
     "lord80+gptq4-asym-g128-ao": dict(method="gptq", decompose=0.8, **_grid(4, False, 128, act_order=True)),
 }
-DEFAULT = [c for c in CONFIGS if c != "gptqmodel4-sym-g128"]
+DEFAULT = [c for c in CONFIGS if not c.startswith("gptqmodel")]
 
 
 def model_path(name: str) -> str:
@@ -68,7 +70,8 @@ def run_gptqmodel(src: str, out: Path, cfg: dict, calib) -> None:
 
     from lowrank_cli.io.resolve import resolve_model
 
-    qcfg = QuantizeConfig(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"], desc_act=False)
+    qcfg = QuantizeConfig(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
+                          desc_act=cfg.get("act_order", False))
     model = GPTQModel.load(str(resolve_model(src)), qcfg)
     rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
     model.quantize(rows, batch_size=1)
