@@ -17,7 +17,6 @@ from lowrank_cli.io.verify import verify_checkpoint
 from lowrank_cli.io.writer import ShardWriter, parse_size
 
 log = logging.getLogger("lowrank")
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def _max_positions(config: dict) -> int | None:
@@ -50,7 +49,7 @@ def _out_dtype(ckpt, name: str):
         if name.endswith(factor) and name not in ckpt:
             original = name[: -len(factor)] + dense
     info = ckpt.tensors.get(original)
-    return getattr(torch, _ST_DTYPES.get(info.dtype, "float32")) if info is not None else None
+    return (info.float_dtype or torch.float32) if info is not None else None
 
 
 def _predicted_increase(curves, ranks: dict, tokens: int) -> float:

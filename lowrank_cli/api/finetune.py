@@ -287,7 +287,6 @@ def _load_base(path: Path, ckpt: Checkpoint, opts: FinetuneOptions, base_kind: s
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute)
     if base_kind == "gptq":
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
         from transformers import GPTQConfig
 
         # a kernel that backpropagates to its input: on CPU gptqmodel's default int4pack kernel switches

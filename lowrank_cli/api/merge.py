@@ -138,10 +138,11 @@ def read_adapter(spec: str) -> Adapter:
 
 
 def _base_format(ckpt: Checkpoint) -> str:
+    from lowrank_cli.io.gptq_view import is_gptq
     from lowrank_cli.modeling.export import is_factorized
 
     if ckpt.quantization:
-        return "gptq" if ckpt.quantization.get("quant_method") == "gptq" else "quantized"
+        return "gptq" if is_gptq(ckpt.config) else "quantized"
     return "factorized" if is_factorized(ckpt.config) else "dense"
 
 

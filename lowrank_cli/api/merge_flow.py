@@ -56,8 +56,7 @@ def _factor_of(name: str, ranks: dict) -> tuple[str, str] | None:
 def _dtype(ckpt, name: str):
     import torch
 
-    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    return getattr(torch, names.get(ckpt.tensors[name].dtype, "float32"))
+    return ckpt.tensors[name].float_dtype or torch.float32
 
 
 def run(model: str, path: Path, ckpt, adapter, folds: list, base_format: str, opts, progress):

@@ -214,10 +214,10 @@ def _run(model, path, ckpt, opts: QuantizeOptions, progress) -> QuantizeResult:
             writer.close()
             config = dict(ckpt.config)
             factorized = export.is_factorized(config)
-            if not factorized and ckpt.model_type in export.NEEDS_REMOTE_CODE_WHEN_QUANTIZED:
-                config = export.remote_code_config(config)
-            if factorized or ckpt.model_type in export.NEEDS_REMOTE_CODE_WHEN_QUANTIZED:
+            if export.quantized_needs_remote_code(config):
                 export.write_modeling_file(tmp, ckpt.model_type)
+                if not factorized:  # a factorized config already maps to the modeling file
+                    config = export.remote_code_config(config)
             config["quantization_config"] = {
                 "quant_method": "gptq", "bits": opts.bits, "group_size": opts.group_size,
                 "desc_act": opts.act_order, "sym": opts.sym, "checkpoint_format": "gptq",

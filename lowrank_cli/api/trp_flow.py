@@ -20,7 +20,6 @@ from lowrank_cli.train.callbacks import Callback
 __all__ = ["run", "StepTimer", "plot_ranks", "write_factorized"]
 
 log = logging.getLogger("lowrank")
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class StepTimer(Callback):
@@ -147,7 +146,6 @@ def write_factorized(folder: Path, net, ckpt: Checkpoint, ranks: dict[str, int],
     """The trained, factorized `net` as a factorized checkpoint (format of `lowrank decompose`): the base
     checkpoint's tensor names (so tied weights stay stored once), each factorized NAME.weight written as
     NAME.down.weight + NAME.up.weight and NAME.bias as NAME.up.bias, in the base's dtypes."""
-    import torch
 
     from lowrank_cli.io.writer import ShardWriter, parse_size
     from lowrank_cli.modeling import export
@@ -155,7 +153,7 @@ def write_factorized(folder: Path, net, ckpt: Checkpoint, ranks: dict[str, int],
     state = net.state_dict()
     writer = ShardWriter(folder, parse_size(max_shard_size))
     for name in ckpt.names():
-        dtype = getattr(torch, _ST_DTYPES.get(ckpt.tensors[name].dtype, ""), None)
+        dtype = ckpt.tensors[name].float_dtype
         module, _, leaf = name.rpartition(".")
         if module in ranks:
             outs = [f"{module}.down.weight", f"{module}.up.weight"] if leaf == "weight" else [f"{module}.up.{leaf}"]

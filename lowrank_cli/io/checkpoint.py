@@ -20,6 +20,7 @@ __all__ = ["Checkpoint", "TensorInfo", "read_header", "WEIGHT_SUFFIXES", "INDEX_
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
+_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -36,6 +37,15 @@ class TensorInfo:
         for s in self.shape:
             n *= s
         return n
+
+    @property
+    def float_dtype(self):
+        """The torch dtype of a floating-point tensor (to write a result back in its checkpoint's precision);
+        None for integer and other dtypes."""
+        import torch
+
+        name = _FLOAT_DTYPES.get(self.dtype)
+        return getattr(torch, name) if name else None
 
 
 def read_header(path: Path) -> dict:

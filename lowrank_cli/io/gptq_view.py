@@ -47,15 +47,10 @@ class DequantizedCheckpoint:
     def __getattr__(self, name):  # path, config, files, close, side_files, fingerprint, ...
         return getattr(self.base, name)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def names(self, prefix: str = "") -> list[str]:
-        return [n for n in self.tensors if n.startswith(prefix)]
-
-    def num_params(self, names=None) -> int:
-        names = self.tensors if names is None else names
-        return sum(self.tensors[n].numel for n in names)
+    # Checkpoint's own readers of `self.tensors`, applied to the dense view's table
+    __contains__ = Checkpoint.__contains__
+    names = Checkpoint.names
+    num_params = Checkpoint.num_params
 
     @property
     def quantization(self):

@@ -30,6 +30,7 @@ __all__ = [
     "causal_lm_class_name",
     "remote_code_config",
     "NEEDS_REMOTE_CODE_WHEN_QUANTIZED",
+    "quantized_needs_remote_code",
     "modeling_file_text",
     "write_modeling_file",
     "lowrank_config",
@@ -184,6 +185,12 @@ def remote_code_config(config_dict: dict) -> dict:
 NEEDS_REMOTE_CODE_WHEN_QUANTIZED = frozenset({"gpt_bigcode"})
 
 
+def quantized_needs_remote_code(config_dict: dict) -> bool:
+    """True if a quantized checkpoint of this config loads only through modeling_lowrank.py: factorized
+    checkpoints, and architectures whose native class fails on quantized linears."""
+    return is_factorized(config_dict) or config_dict.get("model_type") in NEEDS_REMOTE_CODE_WHEN_QUANTIZED
+
+
 def _section(config: Any) -> Any:
     if isinstance(config, dict):
         return config.get("lowrank")
@@ -277,7 +284,9 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu
     if device is not None and str(device) != "cpu":
         kw.setdefault("device_map", {"": str(device)})
 
-    if (config_dict.get("quantization_config") or {}).get("quant_method") == "gptq":
+    from lowrank_cli.io.gptq_view import is_gptq
+
+    if is_gptq(config_dict):
         return _load_gptq(folder, config_dict, kw, device=device)
 
     if not is_factorized(config_dict):
@@ -336,7 +345,7 @@ def _load_gptq(folder: Path, config_dict: dict, kw: dict, *, device: Any):
     import logging
 
     model_type = config_dict.get("model_type")
-    remote = is_factorized(config_dict) or model_type in NEEDS_REMOTE_CODE_WHEN_QUANTIZED
+    remote = quantized_needs_remote_code(config_dict)
     if gptq_kernels_available() and kw.pop("dequantize", False) is False:
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
         if "device_map" not in kw:

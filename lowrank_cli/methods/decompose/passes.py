@@ -35,7 +35,7 @@ from lowrank_cli.methods.decompose.factorize import (
     factors_from_spectrum,
     weight_spectrum,
 )
-from lowrank_cli.methods.decompose.targets import Target
+from lowrank_cli.methods.decompose.targets import Target, by_block
 
 __all__ = ["Profile", "PassOutcome", "profile_pass", "compress_pass", "InputGrams"]
 
@@ -61,11 +61,11 @@ def profile_pass(streamed, calib, evalw, targets: list[Target], *, method: str, 
     acts_c = streamed.capture(calib, batch_size)
     acts_e = streamed.capture(evalw, batch_size)
     boundaries = [acts_c] if keep_boundaries else None
-    by_block = _by_block(targets)
+    targets_of = by_block(targets)
     tails, relative = {}, {}
     for i in range(streamed.num_blocks):
         block = streamed.load_block(i)
-        mine = by_block.get(i, []) if curves else []
+        mine = targets_of.get(i, []) if curves else []
         with InputGrams(block, [t.local for t in mine if method != "svd"]) as grams:
             new_c = _run(block, acts_c, i, keep=True)
         for t in mine:
@@ -76,7 +76,7 @@ def profile_pass(streamed, calib, evalw, targets: list[Target], *, method: str, 
             relative[t.name] = tails[t.name] / max(spec.total, 1e-300)
         del grams
         if not curves:
-            for t in by_block.get(i, []):
+            for t in targets_of.get(i, []):
                 tails[t.name] = torch.zeros(min(t.m, t.n) + 1, dtype=torch.float64)
                 relative[t.name] = tails[t.name]
         new_e = _run(block, acts_e, i, keep=True)
@@ -186,7 +186,7 @@ def compress_pass(streamed, calib, evalw, targets: list[Target], ranks: dict, *,
     need_calib = method != "svd"
     acts_c = streamed.capture(calib, batch_size) if need_calib else None
     acts_e = streamed.capture(evalw, batch_size)
-    by_block = _by_block(targets)
+    targets_of = by_block(targets)
     reports: list[dict] = []
     for i in range(streamed.num_blocks):
         t0 = time.perf_counter()
@@ -194,7 +194,7 @@ def compress_pass(streamed, calib, evalw, targets: list[Target], ranks: dict, *,
         restore: list = []
         if need_calib and not sequential:
             original_out = _run(block, acts_c, i, keep=True)
-        layer_reports = compress_block(block, i, acts_c, by_block.get(i, []), ranks, method=method,
+        layer_reports = compress_block(block, i, acts_c, targets_of.get(i, []), ranks, method=method,
                                        damp=damp, sequential=sequential, restore=restore)
         if need_calib:
             new_c = original_out if not sequential else _run(block, acts_c, i, keep=True)
@@ -221,10 +221,3 @@ def compress_pass(streamed, calib, evalw, targets: list[Target], ranks: dict, *,
     if acts_c is not None:
         acts_c.release()
     return PassOutcome(nll, reports, time.perf_counter() - start)
-
-
-def _by_block(targets: list[Target]) -> dict[int, list[Target]]:
-    out: dict[int, list[Target]] = {}
-    for t in targets:
-        out.setdefault(t.block, []).append(t)
-    return out

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from lowrank_cli.errors import UsageError
 from lowrank_cli.methods.decompose.allocate import break_even_rank
 
-__all__ = ["Target", "select_targets", "parse_patterns"]
+__all__ = ["Target", "select_targets", "parse_patterns", "by_block"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,11 @@ def select_targets(model, blocks_name: str, patterns: list[str] | None) -> list[
         targets.append(Target(name=name, block=int(block), local=local, m=mod.out_features,
                               n=mod.in_features, bias=mod.bias is not None))
     return targets
+
+
+def by_block(targets: list[Target]) -> dict[int, list[Target]]:
+    """Targets grouped by the index of their decoder block, in forward order within each block."""
+    out: dict[int, list[Target]] = {}
+    for t in targets:
+        out.setdefault(t.block, []).append(t)
+    return out

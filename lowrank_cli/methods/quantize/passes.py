@@ -17,6 +17,7 @@ import torch
 
 from lowrank_cli.engine.calibration import InputGrams, run_stored
 from lowrank_cli.eval.perplexity import NLL
+from lowrank_cli.methods.decompose.targets import by_block
 from lowrank_cli.methods.quantize.gptq import NotPositiveDefinite, gptq_quantize, output_errors
 from lowrank_cli.methods.quantize.grid import Grid, rtn_quantize
 from lowrank_cli.methods.quantize.packing import pack
@@ -55,6 +56,16 @@ def quantize_layer(weight: torch.Tensor, gram: torch.Tensor | None, grid: Grid, 
     return qw, deq, report
 
 
+def _quantize_in_place(module, gram, grid: Grid, *, method: str, damp: float, act_order: bool):
+    """Quantize one linear's weight in place (later groups and blocks see the quantized layer); returns its
+    packed checkpoint tensors and its report."""
+    qw, deq, report = quantize_layer(module.weight.detach(), gram, grid, method=method, damp=damp,
+                                     act_order=act_order)
+    with torch.no_grad():
+        module.weight.copy_(deq.to(module.weight.dtype))
+    return pack(qw), report
+
+
 def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, damp: float, act_order: bool,
                   batch_size: int, sink: Callable, progress=None) -> QuantizePassOutcome:
     """Quantize every target (block linears) in place, block by block; packed tensors and the block's other
@@ -63,23 +74,17 @@ def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, d
     need_calib = method != "rtn"
     acts_c = streamed.capture(calib, batch_size) if need_calib else None
     acts_e = streamed.capture(evalw, batch_size)
-    by_block: dict[int, list] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
+    targets_of = by_block(targets)
+    kw = dict(method=method, damp=damp, act_order=act_order)
     reports: list[dict] = []
     for i in range(streamed.num_blocks):
         t0 = time.perf_counter()
         block = streamed.load_block(i)
-        mine = {t.local: t for t in by_block.get(i, [])}
+        mine = {t.local: t for t in targets_of.get(i, [])}
         packed: dict[str, dict] = {}
         if mine and method == "rtn":  # no data needed: round every layer where it is
             for local, target in mine.items():
-                module = block.get_submodule(local)
-                qw, deq, report = quantize_layer(module.weight.detach(), None, grid, method=method, damp=damp,
-                                                 act_order=act_order)
-                with torch.no_grad():
-                    module.weight.copy_(deq.to(module.weight.dtype))
-                packed[local] = pack(qw)
+                packed[local], report = _quantize_in_place(block.get_submodule(local), None, grid, **kw)
                 reports.append({"name": target.name, **report})
         elif mine:
             with InputGrams(block, list(mine)) as probe:  # learn the input groups and their order
@@ -88,12 +93,8 @@ def quantize_pass(streamed, calib, evalw, targets, grid: Grid, *, method: str, d
                 with InputGrams(block, group, halt=True, product_dtype=torch.float32) as grams:
                     run_stored(block, acts_c, i, keep=False)
                 for local in group:
-                    module = block.get_submodule(local)
-                    qw, deq, report = quantize_layer(module.weight.detach(), grams.gram(local), grid,
-                                                     method=method, damp=damp, act_order=act_order)
-                    with torch.no_grad():  # later groups and blocks see the quantized layer
-                        module.weight.copy_(deq.to(module.weight.dtype))
-                    packed[local] = pack(qw)
+                    packed[local], report = _quantize_in_place(block.get_submodule(local), grams.gram(local), grid,
+                                                               **kw)
                     reports.append({"name": mine[local].name, **report})
                 del grams
         if need_calib:
