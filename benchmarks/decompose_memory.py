@@ -145,16 +145,15 @@ def worker(spec: dict) -> dict:
     import transformers  # noqa: F401
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    import lowrank_cli.api.decompose_flow  # noqa: F401
     import lowrank_cli.engine.streamed as streamed_mod
-    import lowrank_cli.methods.decompose.passes  # noqa: F401
+    import lowrank_cli.engine.sequential  # noqa: F401
     import lowrank_cli.methods.decompose.sensitivity  # noqa: F401
     import lowrank_cli.modeling.export  # noqa: F401
     from lowrank_cli.api.decompose import DecomposeOptions, decompose
 
     torch.set_num_threads(spec["threads"])
     gc.collect()
-    streamed_mod._release_freed_memory()  # malloc_trim: start from a settled heap
+    streamed_mod.release_freed_memory()  # malloc_trim: start from a settled heap
     hwm_reset = _reset_hwm()
     base_anon, base_rss = _read_status()
     phase = ["setup"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from lowrank_cli.data.sources import STDLIB, STDLIB_PROSE, load_documents
@@ -11,7 +12,7 @@ from lowrank_cli.data.windows import windows_from_documents
 from lowrank_cli.errors import UsageError
 
 __all__ = ["load_tokenizer", "text_windows", "Timer", "check_device", "with_overrides",
-           "calibration_and_eval_windows"]
+           "calibration_and_eval_windows", "SolverWindows", "solver_windows"]
 
 
 def load_tokenizer(path: Path):
@@ -50,6 +51,27 @@ def calibration_and_eval_windows(tokenizer, opts):
                          max_tokens=opts.eval_tokens, seed=opts.seed, text_field=opts.text_field,
                          same_source_as=opts.calib)
     return calib, evalw
+
+
+@dataclass
+class SolverWindows:
+    """The three disjoint parts of a solver's text: calibration (the solve), eval (what a search may look
+    at) and test (what is reported)."""
+
+    calib: object
+    eval: object
+    test: object
+
+
+def solver_windows(tokenizer, opts) -> SolverWindows:
+    """Calibration, eval and test windows. Interim: test = the windows after eval's in the eval part."""
+    import dataclasses
+
+    test_tokens = getattr(opts, "test_tokens", opts.eval_tokens)
+    wide = dataclasses.replace(opts, eval_tokens=opts.eval_tokens + test_tokens)
+    calib, both = calibration_and_eval_windows(tokenizer, wide)
+    n_eval = max(1, opts.eval_tokens // opts.calib_seq_len)
+    return SolverWindows(calib, both[:n_eval], both[n_eval:] if both.shape[0] > n_eval else both[:n_eval])
 
 
 def check_device(device: str) -> str:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lowrank_cli.api.common import check_device, with_overrides
+from lowrank_cli.api.common import Timer, check_device, load_tokenizer, solver_windows, with_overrides
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
-from lowrank_cli.io.output import check_output_target
+from lowrank_cli.io.output import OutputDir, check_output_target
 from lowrank_cli.io.resolve import resolve_model
 from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
@@ -59,6 +59,8 @@ class DecomposeOptions:
     overwrite: bool = False
     dry_run: bool = False
     seed: int = 0
+    test_data: str | None = None  # reported-only text; default: the stdlib's "test" part (never searched on)
+    test_tokens: int = 4096
 
     def budget_kind(self) -> str:
         given = [k for k in ("target_ppl_increase", "params_ratio", "rank") if getattr(self, k) is not None]
@@ -85,7 +87,7 @@ class DecomposeOptions:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.rank_multiple < 1:
             raise UsageError("--rank-multiple must be at least 1")
-        for name in ("calib_samples", "eval_tokens", "search_steps", "batch_size"):
+        for name in ("calib_samples", "eval_tokens", "test_tokens", "search_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.calib_seq_len < 2:
@@ -134,7 +136,9 @@ class DecomposeResult(Result):
             ("targeted params", f"{p['targeted_before']:,} -> {p['targeted_after']:,} "
                                 f"({p['targeted_ratio']:.3f})"),
             ("factorized layers", f"{len(self.ranks)} of {p['targeted_layers']}"),
-            ("perplexity", f"{q['baseline']:.4f} -> {q['final']:.4f} ({q['increase'] * 100:+.2f}%)"),
+            ("perplexity (eval)", f"{q['baseline']:.4f} -> {q['final']:.4f} ({q['increase'] * 100:+.2f}%)"),
+            ("perplexity (test)", f"{q['test_baseline']:.4f} -> {q['test_final']:.4f} "
+                                  f"({q['test_increase'] * 100:+.2f}%)"),
             ("evaluations", len(self.evaluations)),
             ("time", f"{sum(self.timings_s.values()):.1f} s"),
         ]
@@ -144,16 +148,324 @@ class DecomposeResult(Result):
 def decompose(model: str, opts: DecomposeOptions | None = None, progress: Progress | None = None,
               **overrides) -> DecomposeResult:
     """Compress MODEL; see DecomposeOptions. Raises UsageError (2) or BudgetNotMet (3)."""
-    from lowrank_cli.api import decompose_flow
-
     opts = with_overrides(opts or DecomposeOptions(), overrides)
     opts.validate()
     path = resolve_model(model)
     if opts.output and not opts.dry_run:
         check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
-    check_device(opts.device)
+    if not opts.dry_run:  # a plan may be made for a device this machine does not have
+        check_device(opts.device)
     ckpt = Checkpoint(path)
     if ckpt.quantization:
         raise UsageError(f"'{model}' is quantized ({ckpt.quantization.get('quant_method', '?')}); "
                          "decompose a full-precision checkpoint, then quantize the result")
-    return decompose_flow.run(model, path, ckpt, opts, progress or Progress())
+    job = _Job(model, path, ckpt, opts, progress or Progress())
+    return job.plan_only() if opts.dry_run else job.run()
+
+
+def _max_positions(config: dict) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _out_dtype(ckpt, name: str):
+    """The float dtype the input stores a tensor (or the weight a factor came from) in."""
+    import torch
+
+    original = name
+    for factor, dense in ((".down.weight", ".weight"), (".up.weight", ".weight"), (".up.bias", ".bias")):
+        if name.endswith(factor) and name not in ckpt:
+            original = name[: -len(factor)] + dense
+    info = ckpt.tensors.get(original)
+    return (info.float_dtype or torch.float32) if info is not None else None
+
+
+def _predicted_increase(curves, ranks: dict, tokens: int) -> float:
+    """Second-order estimate of the perplexity increase of an allocation: exp(mean dLoss) - 1, with
+    dLoss = 1/2 * sensitivity * output error energy per layer (see methods/decompose/sensitivity.py)."""
+    import math
+
+    total = sum(0.5 * c.error(ranks.get(c.name)) for c in curves)
+    return math.expm1(min(total / max(tokens, 1), 50.0))
+
+
+class _Job:
+    """One decompose run: plan -> profile (+ sensitivity) -> compress (searched or fixed) -> write."""
+
+    def __init__(self, model: str, path, ckpt, opts: DecomposeOptions, progress: Progress):
+        from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
+        from lowrank_cli.engine.targets import select_targets
+
+        self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
+        self.timer = Timer()
+        self.dtype = resolve_dtype(opts.dtype, opts.device)
+        limit = _max_positions(ckpt.config)
+        if limit is not None and opts.calib_seq_len > limit:
+            raise UsageError(f"--seq-len {opts.calib_seq_len} exceeds the model's {limit} positions")
+        with self.timer("load"):
+            self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
+                                          offload_dir=opts.offload_dir)
+            self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, opts.targets)
+        self.kind = opts.budget_kind()
+        self.fisher = opts.allocation == "fisher" and self.kind != "rank"
+        value = getattr(opts, self.kind)
+        self.budget = {"kind": self.kind, "value": value if value is not None else 0.01}
+        self.targeted_before = sum(t.params for t in self.targets)
+        if self.kind == "rank":
+            self._check_rank_saves()
+
+    def _check_rank_saves(self) -> None:
+        """--rank at or above every layer's break-even would write an uncompressed copy: refuse it."""
+        from lowrank_cli.methods.decompose.allocate import round_rank
+
+        saving = [t for t in self.targets if round_rank(self.opts.rank, self.opts.rank_multiple, min(t.m, t.n))
+                  * (t.m + t.n) < t.m * t.n]
+        if not saving:
+            best = max(int(t.break_even) for t in self.targets)
+            raise UsageError(f"--rank {self.opts.rank} saves nothing: every targeted layer's break-even rank is "
+                             f"at most {best} (a rank-r pair holds r (m + n) parameters); choose a smaller rank")
+
+    def _memory(self) -> dict:
+        import torch
+
+        from lowrank_cli.methods.decompose.plan import estimate_output_bytes, estimate_peak_bytes
+
+        opts, cfg = self.opts, self.streamed.model.config
+        compute = torch.finfo(self.dtype).bits // 8
+        memory = estimate_peak_bytes(
+            self.ckpt, self.streamed.blocks_name, self.streamed.num_blocks, self.targets, hidden=cfg.hidden_size,
+            vocab=cfg.vocab_size, compute_bytes=compute, calib_tokens=opts.calib_samples * opts.calib_seq_len,
+            eval_tokens=opts.eval_tokens + opts.test_tokens, seq_len=opts.calib_seq_len,
+            batch_size=opts.batch_size, fisher=self.fisher)
+        memory["device"] = opts.device
+        memory["compute_dtype"] = str(self.dtype).replace("torch.", "")
+        memory["output"] = estimate_output_bytes(self.ckpt, self.targets, keep=opts.params_ratio, rank=opts.rank,
+                                                 multiple=opts.rank_multiple)
+        return memory
+
+    def _base(self) -> dict:
+        from lowrank_cli.methods.decompose.plan import plan_summary
+
+        return dict(model=self.model, method=self.opts.method, allocation=self.opts.allocation, budget=self.budget,
+                    plan=plan_summary(self.targets), memory=self._memory())
+
+    def plan_only(self) -> DecomposeResult:
+        params = {"model_before": self.ckpt.num_params(), "targeted_before": self.targeted_before,
+                  "targeted_layers": len(self.targets)}
+        return DecomposeResult(output=None, dry_run=True, perplexity={}, ranks={}, dense_layers=[], evaluations=[],
+                               params=params, timings_s=self.timer.seconds, **self._base())
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def _task(self, label: str):
+        task = self.progress.task(label, self.streamed.num_blocks)
+        return task, (lambda *_: task.advance())
+
+    def run(self) -> DecomposeResult:
+        import logging
+
+        import torch
+
+
+        with self.timer("data"):
+            self.windows = solver_windows(load_tokenizer(self.path), self.opts)
+        w = self.windows
+        logging.getLogger("lowrank").info("calibration %d x %d, eval %d x %d, test %d x %d tokens",
+                                          *w.calib.shape, *w.eval.shape, *w.test.shape)
+        torch.manual_seed(self.opts.seed)
+        self.curves, self.baseline, sens = self._profile()
+        out = OutputDir(self.opts.output, overwrite=self.opts.overwrite, inputs=[self.path])
+        with out as tmp:
+            chosen = self._choose(tmp)
+            result = self._write(tmp, chosen, sens)
+            result.output = str(out.target)
+            out.commit()
+        return result
+
+    def _evalsets(self) -> dict:
+        return {"eval": self.windows.eval, "test": self.windows.test}
+
+    def _profile(self):
+        """Error curves on the original model's Grams, baseline eval/test perplexity, Fisher sensitivities."""
+        from lowrank_cli.engine.sequential import Candidate, run_pipeline
+        from lowrank_cli.engine.streamed import release_freed_memory
+        from lowrank_cli.methods.decompose.allocate import LayerCurve
+        from lowrank_cli.methods.decompose.modifier import Profiler
+        from lowrank_cli.methods.decompose.sensitivity import output_sensitivities
+
+        opts = self.opts
+        profiler = Profiler(opts.method, opts.damp, curves=opts.allocation != "uniform" and self.kind != "rank")
+        with self.timer("profile"):
+            task, tick = self._task("profile")
+            outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
+                                   [Candidate("profile", profiler)], sequential=False, batch_size=opts.batch_size,
+                                   keep_boundaries=self.fisher, progress=tick)
+            task.close()
+        nll, _, _ = outcome.only()
+        sens = {}
+        if self.fisher:
+            with self.timer("sensitivity"):
+                task, tick = self._task("sensitivity")
+                sens = output_sensitivities(self.streamed, self.windows.calib, outcome.boundaries, self.targets,
+                                            opts.batch_size, tick)
+                task.close()
+            for acts in outcome.boundaries:
+                acts.release()
+            release_freed_memory()  # hand the boundaries back to the OS before the compress passes
+        curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name], sens.get(t.name, 1.0)) for t in self.targets]
+        return curves, {name: v.perplexity for name, v in nll.items()}, sens
+
+    def _ranks(self, keep: float) -> dict:
+        from lowrank_cli.methods.decompose import allocate
+
+        if self.opts.allocation == "uniform":
+            return allocate.uniform_ranks(self.curves, keep, self.opts.rank_multiple)
+        return allocate.allocate_ranks(self.curves, keep, self.opts.rank_multiple)
+
+    def _compress(self, tmp, keep: float | None, ranks: dict) -> dict:
+        """Factorize at `ranks` into a candidate folder in one pipeline pass; the evaluation record."""
+        from lowrank_cli.engine.sequential import Candidate, run_pipeline
+        from lowrank_cli.io.finish import copy_outer_tensors
+        from lowrank_cli.io.writer import ShardWriter, parse_size
+        from lowrank_cli.methods.decompose.allocate import kept_params
+        from lowrank_cli.methods.decompose.modifier import Factorize
+
+        opts, index = self.opts, len(self.evaluations)
+        folder = tmp / f".candidate-{index}"
+        folder.mkdir()
+        writer = ShardWriter(folder, parse_size(opts.max_shard_size))
+
+        def sink(name, tensor):
+            writer.add(name, tensor.to(_out_dtype(self.ckpt, name) or tensor.dtype))
+
+        modifier = Factorize(ranks, opts.method, opts.damp, dense=opts.format == "dense")
+        with self.timer("compress"):
+            task, tick = self._task(f"compress {index + 1}" + (f" keep={keep:.3f}" if keep is not None else ""))
+            outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
+                                   [Candidate("compress", modifier, sink)], sequential=opts.sequential,
+                                   batch_size=opts.batch_size, progress=tick)
+            task.close()
+        copy_outer_tensors(self.ckpt, self.streamed.blocks_name, sink)
+        writer.close()
+        nll, layers, seconds = outcome.only()
+        ppl = nll["eval"].perplexity
+        record = {"keep": keep, "kept_fraction": kept_params(self.curves, ranks) / self.targeted_before,
+                  "perplexity": ppl, "increase": ppl / self.baseline["eval"] - 1,
+                  "test_perplexity": nll["test"].perplexity, "factorized_layers": len(layers),
+                  "seconds": round(seconds, 2), "folder": folder, "ranks": ranks, "layers": layers,
+                  "nll": nll}
+        self.evaluations.append(record)
+        import logging
+
+        logging.getLogger("lowrank").info(
+            "evaluation %d: keep %s -> %.4f of targeted params, eval perplexity %.4f (%+.2f%%)", index + 1,
+            "-" if keep is None else f"{keep:.3f}", record["kept_fraction"], ppl, record["increase"] * 100)
+        return record
+
+    def _choose(self, tmp) -> dict:
+        """The candidate to write: the fixed budget's one, or the search's smallest passing one."""
+        from lowrank_cli.methods.decompose import allocate
+
+        self.evaluations: list[dict] = []
+        if self.kind == "rank":
+            return self._compress(tmp, None, allocate.fixed_ranks(self.curves, self.opts.rank,
+                                                                  self.opts.rank_multiple))
+        if self.kind == "params_ratio":
+            return self._compress(tmp, self.opts.params_ratio, self._ranks(self.opts.params_ratio))
+        return self._search(tmp)
+
+    def _search(self, tmp) -> dict:
+        import math
+        import shutil
+
+        from lowrank_cli.errors import BudgetNotMet
+        from lowrank_cli.methods.decompose import search
+
+        limit = self.baseline["eval"] * (1 + self.budget["value"])
+        best: dict = {}
+
+        def candidate(keep):
+            record = self._compress(tmp, keep, self._ranks(keep))
+            passed = math.isfinite(record["perplexity"]) and record["perplexity"] <= limit
+            record["passed"] = passed and record["factorized_layers"] > 0
+            if record["passed"] and (not best or record["kept_fraction"] < best["kept_fraction"]):
+                if best:
+                    shutil.rmtree(best["folder"])  # only the smallest passing model stays on disk
+                best.clear()
+                best.update(record)
+            else:
+                shutil.rmtree(record["folder"])
+            return search.Candidate(keep, record["kept_fraction"], record["perplexity"], passed,
+                                    record["factorized_layers"])
+
+        first = 0.8
+        if self.fisher:
+            tokens = int(self.windows.calib.numel())
+            first = search.first_guess(lambda k: _predicted_increase(self.curves, self._ranks(k), tokens),
+                                       self.budget["value"])
+        found = search.search_keep(candidate, steps=self.opts.search_steps, first=first)
+        if found.best is None:
+            closest = found.closest
+            raise BudgetNotMet(
+                f"no compressed model met +{self.budget['value'] * 100:.3g}% eval perplexity (limit {limit:.4f}); "
+                f"closest: {closest.perplexity:.4f} keeping {closest.kept_fraction:.3f} of the targeted "
+                f"parameters after {len(found.tried)} evaluations; nothing was written",
+                hint="raise the budget, add calibration text, or narrow --targets",
+                details={"evaluations": [_public(r) for r in self.evaluations], "baseline": self.baseline["eval"]})
+        return best
+
+    def _write(self, tmp, chosen: dict, sens: dict) -> DecomposeResult:
+        """Move the chosen candidate's shards into place, then config, side files, manifest."""
+        import shutil
+
+        from lowrank_cli.io.finish import finish_folder
+        from lowrank_cli.modeling import export
+        from lowrank_cli.utils.memory import peak_rss_bytes
+
+        for item in chosen["folder"].iterdir():
+            shutil.move(str(item), tmp / item.name)
+        for other in tmp.glob(".candidate-*"):
+            shutil.rmtree(other)
+        factored = {r["name"]: r["rank"] for r in chosen["layers"]}
+        config = dict(self.ckpt.config)
+        if self.opts.format == "factorized" and factored:
+            config = export.lowrank_config(config, factored, self.opts.method)
+            export.write_modeling_file(tmp, self.ckpt.model_type)
+        params = self._params(chosen["layers"])
+        nll, base = chosen["nll"], self.baseline
+        perplexity = {"baseline": base["eval"], "final": nll["eval"].perplexity,
+                      "increase": nll["eval"].perplexity / base["eval"] - 1,
+                      "test_baseline": base["test"], "test_final": nll["test"].perplexity,
+                      "test_increase": nll["test"].perplexity / base["test"] - 1,
+                      "eval_tokens": nll["eval"].tokens, "test_tokens": nll["test"].tokens,
+                      "calib_tokens": int(self.windows.calib.numel())}
+        base_fields = self._base()
+        base_fields["memory"]["peak_resident_param_bytes"] = self.streamed.peak_resident_bytes
+        base_fields["memory"]["peak_rss_bytes"] = peak_rss_bytes()
+        evaluations = [_public(r) for r in self.evaluations]
+        result = DecomposeResult(output=None, dry_run=False, params=params, perplexity=perplexity, ranks=factored,
+                                 dense_layers=[t.name for t in self.targets if t.name not in factored],
+                                 evaluations=evaluations, timings_s=self.timer.seconds, **base_fields)
+        finish_folder(tmp, self.ckpt, config, command="decompose", options=vars(self.opts),
+                      input_info={"model": self.model, "path": str(self.path),
+                                  "fingerprint": self.ckpt.fingerprint()},
+                      metrics={"params": params, "perplexity": perplexity, "evaluations": evaluations},
+                      extra={"layers": chosen["layers"], "sensitivity": sens, "timings_s": self.timer.seconds})
+        return result
+
+    def _params(self, layers: list[dict]) -> dict:
+        model_before = self.ckpt.num_params()
+        factored = {r["name"] for r in layers}
+        targeted_after = sum(r["params_after"] for r in layers) + sum(
+            t.params for t in self.targets if t.name not in factored)
+        model_after = model_before - self.targeted_before + targeted_after
+        return {"model_before": model_before, "model_after": model_after, "model_ratio": model_after / model_before,
+                "targeted_before": self.targeted_before, "targeted_after": targeted_after,
+                "targeted_ratio": targeted_after / self.targeted_before, "targeted_layers": len(self.targets),
+                "factorized_layers": len(factored)}
+
+
+def _public(record: dict) -> dict:
+    """An evaluation record as reported (no folders, tensors or rank maps)."""
+    return {k: v for k, v in record.items() if k not in ("folder", "ranks", "layers", "nll")}

@@ -11,20 +11,11 @@ Flow (one decoder block in memory at a time):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import resource
-import shutil
 from dataclasses import dataclass, field
 
-from lowrank_cli.api.common import (
-    Timer,
-    calibration_and_eval_windows,
-    check_device,
-    load_tokenizer,
-    with_overrides,
-)
+from lowrank_cli.api.common import Timer, check_device, load_tokenizer, solver_windows, with_overrides
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
@@ -68,6 +59,9 @@ class QuantizeOptions:
     offload_dir: str | None = None
     overwrite: bool = False
     seed: int = 0
+    test_data: str | None = None  # reported-only text; default: the stdlib's "test" part
+    test_tokens: int = 4096
+    dry_run: bool = False  # plan and estimates only; writes nothing
 
     def validate(self) -> None:
         if self.bits not in BITS:
@@ -78,7 +72,7 @@ class QuantizeOptions:
             raise UsageError(f"unknown --method '{self.method}' (choose {', '.join(METHODS)})")
         if not 0 <= self.damp < 1:
             raise UsageError(f"--damp must be in [0, 1), got {self.damp}")
-        for name in ("calib_samples", "eval_tokens", "batch_size"):
+        for name in ("calib_samples", "eval_tokens", "test_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.calib_seq_len < 2:
@@ -86,14 +80,14 @@ class QuantizeOptions:
         from lowrank_cli.io.writer import parse_size
 
         parse_size(self.max_shard_size)
-        if not self.output:
+        if not self.output and not self.dry_run:
             raise UsageError("an output folder is required: -o/--output OUT")
 
 
 @dataclass
 class QuantizeResult(Result):
     model: str
-    output: str
+    output: str | None
     method: str
     bits: int
     group_size: int
@@ -106,19 +100,29 @@ class QuantizeResult(Result):
     error: dict  # mean relative output error of GPTQ and of round-to-nearest on the same layers
     timings_s: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
+    dry_run: bool = False
 
     def summary(self):
         q, s = self.perplexity, self.size
         grid = f"{self.bits}-bit, group {self.group_size}, {'sym' if self.sym else 'asym'}" + (
             ", act-order" if self.act_order else "")
+        if self.dry_run:
+            return [("model", self.model), ("method", f"{self.method} ({grid})"), ("dry run", "nothing written"),
+                    ("quantized layers", self.layers),
+                    ("est. weights", f"{s['before'] / 2**20:.1f} MiB -> {s['after'] / 2**20:.1f} MiB"),
+                    ("est. peak memory", f"{self.memory['total'] / 2**20:.1f} MiB on {self.memory['device']} "
+                                         f"({self.memory['compute_dtype']})")]
         rows = [("model", self.model), ("method", f"{self.method} ({grid})"), ("output", self.output),
                 ("quantized layers", f"{self.layers}" + (" (both factors of each factorized layer)" if self.factorized
                                                         else "")),
                 ("weights", f"{s['before'] / 2**20:.1f} MiB -> {s['after'] / 2**20:.1f} MiB")]
         if q.get("baseline") is not None:
-            rows.append(("perplexity", f"{q['baseline']:.4f} -> {q['final']:.4f} ({q['increase'] * 100:+.2f}%)"))
+            rows.append(("perplexity (eval)", f"{q['baseline']:.4f} -> {q['final']:.4f} "
+                                              f"({q['increase'] * 100:+.2f}%)"))
+            rows.append(("perplexity (test)", f"{q['test_baseline']:.4f} -> {q['test_final']:.4f} "
+                                              f"({q['test_increase'] * 100:+.2f}%)"))
         else:
-            rows.append(("perplexity", f"{q['final']:.4f}"))
+            rows.append(("perplexity (eval, test)", f"{q['final']:.4f}, {q['test_final']:.4f}"))
         if self.error.get("gptq") is not None:
             rows.append(("output error", f"{self.error['gptq']:.4g} (round-to-nearest {self.error['rtn']:.4g})"))
         rows.append(("time", f"{sum(self.timings_s.values()):.1f} s"))
@@ -131,133 +135,185 @@ def quantize(model: str, opts: QuantizeOptions | None = None, progress: Progress
     opts = with_overrides(opts or QuantizeOptions(), overrides)
     opts.validate()
     path = resolve_model(model)
-    check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
-    check_device(opts.device)
+    if not opts.dry_run:
+        check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
+        check_device(opts.device)
     ckpt = Checkpoint(path)
     if ckpt.quantization:
         raise UsageError(f"'{model}' is already quantized ({ckpt.quantization.get('quant_method', '?')}); "
                          "quantize a full-precision checkpoint")
-    return _run(model, path, ckpt, opts, progress or Progress())
+    job = _Job(model, path, ckpt, opts, progress or Progress())
+    return job.plan_only() if opts.dry_run else job.run()
 
 
-def _run(model, path, ckpt, opts: QuantizeOptions, progress) -> QuantizeResult:
-    import torch
+def gptq_config(opts, uneven: bool) -> dict:
+    """The `quantization_config` transformers + gptqmodel read."""
+    config = {"quant_method": "gptq", "bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.act_order,
+              "sym": opts.sym, "checkpoint_format": "gptq", "pack_dtype": "int32", "damp_percent": opts.damp,
+              "true_sequential": True, "meta": {"quantizer": ["lowrank_cli"], "method": opts.method}}
+    if uneven:
+        # gptqmodel's fast kernels (int4 CPU matmul, exllama, marlin) need the group size to divide every
+        # input width and fail at the first forward otherwise; its torch kernel reads g_idx as written and
+        # runs anywhere. Loaders may still ask for another backend explicitly.
+        config["backend"] = "torch"
+    return config
 
-    from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
-    from lowrank_cli.eval.perplexity import nll_streamed
-    from lowrank_cli.io.manifest import write_manifest
-    from lowrank_cli.io.verify import verify_checkpoint
-    from lowrank_cli.io.writer import ShardWriter, parse_size
-    from lowrank_cli.methods.decompose.targets import select_targets
-    from lowrank_cli.methods.quantize.grid import Grid
-    from lowrank_cli.methods.quantize.packing import packable
-    from lowrank_cli.methods.quantize.passes import quantize_pass
+
+def quantized_config(ckpt_config: dict, opts, targets, folder) -> dict:
+    """The output's config.json: quantization_config, float16, and remote code where the architecture's
+    own class cannot load quantized linears (see modeling/export.py)."""
     from lowrank_cli.modeling import export
 
-    timer = Timer()
-    dtype = resolve_dtype(opts.dtype, opts.device)
-    with timer("load"):
-        streamed = StreamedModel(ckpt, device=opts.device, dtype=dtype, offload_dir=opts.offload_dir)
-        targets = select_targets(streamed.model, streamed.blocks_name, None)
+    config = dict(ckpt_config)
+    if export.quantized_needs_remote_code(config):
+        export.write_modeling_file(folder, config.get("model_type", ""))
+        if not export.is_factorized(config):  # a factorized config already maps to the modeling file
+            config = export.remote_code_config(config)
+    uneven = [t.name for t in targets if opts.group_size != -1 and t.n % opts.group_size]
+    if uneven:
+        log.info("group size %d does not divide %d layer widths (e.g. %s): the checkpoint asks for gptqmodel's "
+                 "portable torch kernel", opts.group_size, len(uneven), uneven[0])
+    config["quantization_config"] = gptq_config(opts, bool(uneven))
+    config["dtype"] = "float16"
+    config.pop("torch_dtype", None)
+    return config
+
+
+def check_packable(ckpt, targets) -> None:
+    from lowrank_cli.methods.quantize.packing import packable
+    from lowrank_cli.modeling import export
+
     bad = [(t.name, reason) for t in targets if (reason := packable(t.n, t.m))]
     if bad:
         name, reason = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         hint = " (decompose with --rank-multiple 32)" if export.is_factorized(ckpt.config) else ""
         raise UsageError(f"cannot pack '{name}' in the GPTQ format: {reason}{more}{hint}")
-    grid = Grid(opts.bits, opts.group_size, opts.sym)
-    if opts.group_size not in LOADABLE_GROUP_SIZES:
-        sizes = ", ".join(map(str, LOADABLE_GROUP_SIZES[1:]))
-        log.warning("group size %d: transformers + gptqmodel load only group sizes %s (and -1); "
-                    "`lowrank eval` still runs the output", opts.group_size, sizes)
 
-    tokenizer = load_tokenizer(path)
-    with timer("data"):
-        calib, evalw = calibration_and_eval_windows(tokenizer, opts)
-    widest = max(t.n for t in targets)
-    if opts.method == "gptq" and calib.numel() < widest:
-        raise UsageError(f"calibration text too short: {calib.numel()} tokens for layers up to {widest} inputs "
-                         f"wide; GPTQ needs at least {widest} (ideally many more: --calib, --calib-samples)")
-    log.info("calibration %d x %d tokens, evaluation %d x %d tokens", *calib.shape, *evalw.shape)
-    torch.manual_seed(opts.seed)
 
-    def block_task(label):
-        task = progress.task(label, streamed.num_blocks)
-        return task, (lambda *_: task.advance())
+class _Job:
+    """One quantize run: plan -> one pipeline pass (baseline and quantized side by side) -> write."""
 
-    baseline = None
-    if not opts.skip_eval:
-        with timer("baseline"):
-            task, tick = block_task("baseline")
-            baseline = nll_streamed(streamed, evalw, opts.batch_size, progress=tick).perplexity
-            task.close()
-        log.info("baseline perplexity %.4f", baseline)
+    def __init__(self, model: str, path, ckpt, opts: QuantizeOptions, progress: Progress):
+        from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
+        from lowrank_cli.engine.targets import select_targets
 
-    out = OutputDir(opts.output, overwrite=opts.overwrite, inputs=[path])
-    with out as tmp:
-        writer = ShardWriter(tmp, parse_size(opts.max_shard_size))
+        self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
+        self.timer = Timer()
+        self.dtype = resolve_dtype(opts.dtype, opts.device)
+        with self.timer("load"):
+            self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
+                                          offload_dir=opts.offload_dir)
+            self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, None)
+        check_packable(ckpt, self.targets)
+        if opts.group_size not in LOADABLE_GROUP_SIZES:
+            sizes = ", ".join(map(str, LOADABLE_GROUP_SIZES[1:]))
+            log.warning("group size %d: transformers + gptqmodel load only group sizes %s (and -1); "
+                        "`lowrank eval` still runs the output", opts.group_size, sizes)
+        from lowrank_cli.modeling import export
+
+        self.factorized = export.is_factorized(ckpt.config)
+
+    def _result(self, **fields) -> QuantizeResult:
+        o = self.opts
+        return QuantizeResult(model=self.model, method=o.method, bits=o.bits, group_size=o.group_size, sym=o.sym,
+                              act_order=o.act_order, factorized=self.factorized, timings_s=self.timer.seconds,
+                              **fields)
+
+    def plan_only(self) -> QuantizeResult:
+        import torch
+
+        from lowrank_cli.methods.decompose.plan import estimate_peak_bytes
+        from lowrank_cli.methods.quantize.plan import quantized_checkpoint_bytes
+
+        o, cfg = self.opts, self.streamed.model.config
+        memory = estimate_peak_bytes(
+            self.ckpt, self.streamed.blocks_name, self.streamed.num_blocks, self.targets, hidden=cfg.hidden_size,
+            vocab=cfg.vocab_size, compute_bytes=torch.finfo(self.dtype).bits // 8,
+            calib_tokens=o.calib_samples * o.calib_seq_len, eval_tokens=2 * (o.eval_tokens + o.test_tokens),
+            seq_len=o.calib_seq_len, batch_size=o.batch_size, fisher=False)
+        memory.update(device=o.device, compute_dtype=str(self.dtype).replace("torch.", ""))
+        size = {"before": self.ckpt.total_bytes(),
+                "after": quantized_checkpoint_bytes(self.ckpt, self.targets, o.bits, o.group_size)}
+        return self._result(output=None, layers=len(self.targets), size=size, perplexity={}, error={},
+                            memory=memory, dry_run=True)
+
+    def run(self) -> QuantizeResult:
+        import torch
+
+
+        o = self.opts
+        with self.timer("data"):
+            self.windows = solver_windows(load_tokenizer(self.path), o)
+        widest = max(t.n for t in self.targets)
+        if o.method == "gptq" and self.windows.calib.numel() < widest:
+            raise UsageError(f"calibration text too short: {self.windows.calib.numel()} tokens for layers up to "
+                             f"{widest} inputs wide; GPTQ needs at least {widest} (ideally many more: --calib, "
+                             "--calib-samples)")
+        torch.manual_seed(o.seed)
+        out = OutputDir(o.output, overwrite=o.overwrite, inputs=[self.path])
+        with out as tmp:
+            nll, layers = self._pass(tmp)
+            result = self._write(tmp, nll, layers)
+            result.output = str(out.target)
+            out.commit()
+        return result
+
+    def _pass(self, tmp):
+        """Baseline and quantized model in one streamed pass; the quantized tensors go to `tmp`."""
+        import torch
+
+        from lowrank_cli.engine.sequential import Candidate, Unchanged, run_pipeline
+        from lowrank_cli.io.finish import copy_outer_tensors
+        from lowrank_cli.io.writer import ShardWriter, parse_size
+        from lowrank_cli.methods.quantize.grid import Grid
+        from lowrank_cli.methods.quantize.modifier import Quantize
+
+        o = self.opts
+        writer = ShardWriter(tmp, parse_size(o.max_shard_size))
 
         def sink(name, tensor):
             writer.add(name, tensor.to(torch.float16) if tensor.is_floating_point() else tensor)
 
-        with timer("quantize"):
-            task, tick = block_task("quantize")
-            outcome = quantize_pass(streamed, calib, evalw, targets, grid, method=opts.method, damp=opts.damp,
-                                    act_order=opts.act_order, batch_size=opts.batch_size, sink=sink,
-                                    progress=tick)
+        quantizer = Quantize(Grid(o.bits, o.group_size, o.sym), method=o.method, damp=o.damp, act_order=o.act_order)
+        candidates = [] if o.skip_eval else [Candidate("baseline", Unchanged())]
+        candidates.append(Candidate("quantized", quantizer, sink))
+        with self.timer("quantize"):
+            task = self.progress.task("quantize", self.streamed.num_blocks)
+            outcome = run_pipeline(self.streamed, self.windows.calib, {"eval": self.windows.eval,
+                                                                       "test": self.windows.test},
+                                   self.targets, candidates, batch_size=o.batch_size, progress=task.advance)
             task.close()
-        with timer("write"):
-            for name in ckpt.names():
-                if not name.startswith(streamed.blocks_name + "."):
-                    tensor = ckpt.get(name)
-                    sink(name, tensor)
+        with self.timer("write"):
+            copy_outer_tensors(self.ckpt, self.streamed.blocks_name, sink)
             writer.close()
-            config = dict(ckpt.config)
-            factorized = export.is_factorized(config)
-            if export.quantized_needs_remote_code(config):
-                export.write_modeling_file(tmp, ckpt.model_type)
-                if not factorized:  # a factorized config already maps to the modeling file
-                    config = export.remote_code_config(config)
-            config["quantization_config"] = {
-                "quant_method": "gptq", "bits": opts.bits, "group_size": opts.group_size,
-                "desc_act": opts.act_order, "sym": opts.sym, "checkpoint_format": "gptq",
-                "pack_dtype": "int32", "damp_percent": opts.damp, "true_sequential": True,
-                "meta": {"quantizer": ["lowrank_cli"], "method": opts.method}}
-            uneven = [t.name for t in targets if opts.group_size != -1 and t.n % opts.group_size]
-            if uneven:
-                # gptqmodel's fast kernels (int4 CPU matmul, exllama, marlin) need the group size to divide
-                # every input width and fail at the first forward otherwise; its torch kernel reads g_idx
-                # as written and runs anywhere. Loaders may still ask for another backend explicitly.
-                config["quantization_config"]["backend"] = "torch"
-                log.info("group size %d does not divide %d layer widths (e.g. %s): the checkpoint asks for "
-                         "gptqmodel's portable torch kernel", opts.group_size, len(uneven), uneven[0])
-            config["dtype"] = "float16"
-            config.pop("torch_dtype", None)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            for side in ckpt.side_files():
-                shutil.copy2(side, tmp / side.name)
-            verify_checkpoint(tmp)
+        return outcome.nll, outcome.layers["quantized"]
 
-        final = outcome.nll.perplexity
-        perplexity = {"baseline": baseline, "final": final,
-                      "increase": None if baseline is None else final / baseline - 1,
-                      "eval_tokens": outcome.nll.tokens, "calib_tokens": int(calib.numel())}
-        errs = [r for r in outcome.layers if "output_error" in r]
+    def _write(self, tmp, nll: dict, layers: list[dict]) -> QuantizeResult:
+        from lowrank_cli.io.finish import finish_folder, weight_file_bytes
+        from lowrank_cli.utils.memory import peak_rss_bytes
+
+        q, b = nll["quantized"], nll.get("baseline")
+        perplexity = {"baseline": None, "final": q["eval"].perplexity, "increase": None,
+                      "test_baseline": None, "test_final": q["test"].perplexity, "test_increase": None,
+                      "eval_tokens": q["eval"].tokens, "test_tokens": q["test"].tokens,
+                      "calib_tokens": int(self.windows.calib.numel())}
+        if b is not None:
+            perplexity.update(baseline=b["eval"].perplexity, test_baseline=b["test"].perplexity,
+                              increase=q["eval"].perplexity / b["eval"].perplexity - 1,
+                              test_increase=q["test"].perplexity / b["test"].perplexity - 1)
+        errs = [r for r in layers if "output_error" in r]
         error = {"gptq": _mean(r["output_error"] for r in errs), "rtn": _mean(r["rtn_output_error"] for r in errs),
                  "measure": "mean over layers of ||(W - Q) X||^2 / ||W X||^2 on the calibration inputs"}
-        size = {"before": ckpt.total_bytes(), "after": Checkpoint(tmp).total_bytes()}
-        memory = {"peak_resident_param_bytes": streamed.peak_resident_bytes,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-        result = QuantizeResult(model=model, output=str(out.target), method=opts.method, bits=opts.bits,
-                                group_size=opts.group_size, sym=opts.sym, act_order=opts.act_order,
-                                factorized=factorized, layers=len(outcome.layers), size=size,
-                                perplexity=perplexity, error=error, timings_s=timer.seconds, memory=memory)
-        write_manifest(tmp, command="quantize", options=vars(opts),
-                       input_info={"model": model, "path": str(path), "fingerprint": ckpt.fingerprint()},
-                       metrics={"perplexity": perplexity, "error": error, "size": size},
-                       extra={"layers": outcome.layers, "timings_s": timer.seconds})
-        out.commit()
-    return result
+        config = quantized_config(self.ckpt.config, self.opts, self.targets, tmp)
+        memory = {"peak_resident_param_bytes": self.streamed.peak_resident_bytes, "peak_rss_bytes": peak_rss_bytes()}
+        size = {"before": self.ckpt.total_bytes(), "after": weight_file_bytes(tmp)}
+        finish_folder(tmp, self.ckpt, config, command="quantize", options=vars(self.opts),
+                      input_info={"model": self.model, "path": str(self.path), "fingerprint": self.ckpt.fingerprint()},
+                      metrics={"perplexity": perplexity, "error": error, "size": size},
+                      extra={"layers": layers, "timings_s": self.timer.seconds})
+        return self._result(output=None, layers=len(layers), size=size, perplexity=perplexity, error=error,
+                            memory=memory)
 
 
 def _mean(values) -> float | None:

@@ -1,0 +1,204 @@
+"""The one sequential block pipeline behind every weight-changing job (decompose, quantize, compress).
+
+One pass over the decoder blocks, one block in memory at a time:
+
+    for each block i:
+        load block i from the shards (once, whatever the number of candidates)
+        for each candidate (a Modifier with its own activation streams):
+            per input group (q/k/v, o, gate/up, down, in forward order): the group's input Gram on the
+                candidate's own calibration stream -> modifier.modify(...) changes those layers in place
+            carry the candidate's calibration and evaluation streams through its modified block
+            hand the block's checkpoint tensors to the candidate's sink
+            undo the candidate's changes (the next candidate starts from the original block)
+        free block i
+    final norm + head on every evaluation stream -> NLL per candidate and evaluation set
+
+Sequential calibration (the default): each group's Gram is measured with every layer before it (earlier
+blocks, earlier groups of this block) already changed, as GPTQ does. That re-measures the inputs each
+layer will really see; it does not by itself undo upstream error (no target is adjusted to compensate).
+`sequential=False` measures every Gram on the original model's activations, in the same forward that
+carries the calibration stream on.
+
+Several candidates share one read of the model: `compress` runs its whole candidate list in one pass.
+No file is touched here: tensors go to each candidate's `sink(name, tensor)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lowrank_cli.engine.activations import Activations
+from lowrank_cli.engine.calibration import InputGrams, run_stored
+from lowrank_cli.engine.targets import Target, by_block
+from lowrank_cli.eval.perplexity import NLL
+
+__all__ = ["Modifier", "Unchanged", "Candidate", "PipelineOutcome", "run_pipeline"]
+
+log = logging.getLogger("lowrank")
+
+
+class Modifier:
+    """What a job does to a block's targeted linears. Subclasses override `modify` and, when their
+    checkpoint form differs from the block's state dict (factors, packed integers), `tensors`.
+
+    `needs_data`: whether `modify` uses calibration Grams (False for weight-only methods: no calibration
+    stream is carried). `product_dtype`: the dtype of the Gram's chunk products (see accumulate_gram).
+    """
+
+    needs_data: bool = True
+    product_dtype = None
+
+    def modify(self, block, group: list[Target], grams: InputGrams | None) -> list[dict]:
+        """Change the group's layers in place (module swaps recorded for `undo`); one report per layer."""
+        raise NotImplementedError
+
+    def tensors(self, block, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """The changed block's tensors as the output checkpoint stores them."""
+        for key, tensor in block.state_dict().items():
+            yield prefix + key, tensor
+
+    def undo(self, block) -> None:
+        """Put back modules swapped by `modify` (weights written in place are restored by the pipeline)."""
+
+
+class Unchanged(Modifier):
+    """The original model, carried beside changed ones (its perplexity is the baseline)."""
+
+    needs_data = False
+
+    def modify(self, block, group, grams) -> list[dict]:
+        return []
+
+
+@dataclass
+class Candidate:
+    """One modifier with its streams: calibration (when it needs data) and one per evaluation set."""
+
+    name: str
+    modifier: Modifier
+    sink: Callable[[str, torch.Tensor], None] | None = None
+    layers: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    calib: Activations | None = None
+    evals: dict[str, Activations] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineOutcome:
+    nll: dict[str, dict[str, NLL]]  # candidate -> evaluation set -> NLL
+    layers: dict[str, list[dict]]  # candidate -> per-layer reports
+    seconds: dict[str, float]  # candidate -> seconds spent on its blocks (shared reads not counted)
+    boundaries: list[Activations] | None = None  # calibration states entering blocks 0..L (keep_boundaries)
+
+    def only(self):
+        """(NLL per evaluation set, layer reports, seconds) of a single-candidate run."""
+        (name,) = self.nll
+        return self.nll[name], self.layers[name], self.seconds[name]
+
+
+def _apply(block, i: int, cand: Candidate, mine: list[Target], sequential: bool) -> Activations | None:
+    """Run the candidate's modifier on block i; returns the calibration stream after the block."""
+    mod, acts = cand.modifier, cand.calib
+    if mine and not mod.needs_data:
+        cand.layers += mod.modify(block, mine, None)
+    if not mine or not mod.needs_data:
+        return run_stored(block, acts, i, keep=True) if acts is not None else None
+    by_local = {t.local: t for t in mine}
+    if not sequential:  # one forward: the original block's Grams and its outputs
+        with InputGrams(block, list(by_local), product_dtype=mod.product_dtype) as grams:
+            out = run_stored(block, acts, i, keep=True)
+        for group in grams.groups():
+            cand.layers += mod.modify(block, [by_local[g] for g in group], grams)
+        return out
+    # Learn the input groups and their forward order from one batch, then measure each group's Gram
+    # with every layer before it already changed; the forward halts once the group has its input.
+    with InputGrams(block, list(by_local)) as probe:
+        run_stored(block, acts, i, keep=False, batches=1)
+    for group in probe.groups():
+        with InputGrams(block, group, halt=True, product_dtype=mod.product_dtype) as grams:
+            run_stored(block, acts, i, keep=False)
+        cand.layers += mod.modify(block, [by_local[g] for g in group], grams)
+        del grams
+    return run_stored(block, acts, i, keep=True)
+
+
+def _snapshot(block) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
+def _step(streamed, block, i: int, cand: Candidate, mine: list[Target], sequential: bool) -> None:
+    start = time.perf_counter()
+    new_c = _apply(block, i, cand, mine, sequential)
+    if cand.calib is not None:
+        cand.calib.release()
+        cand.calib = new_c
+    for name, acts in cand.evals.items():
+        cand.evals[name] = run_stored(block, acts, i, keep=True)
+        acts.release()
+    if cand.sink is not None:
+        for name, tensor in cand.modifier.tensors(block, streamed.block_prefix(i)):
+            cand.sink(name, tensor)
+    cand.modifier.undo(block)
+    cand.seconds += time.perf_counter() - start
+
+
+def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: list[Target],
+                 candidates: list[Candidate], *, sequential: bool = True, batch_size: int = 1,
+                 keep_boundaries: bool = False, progress=None) -> PipelineOutcome:
+    """Run every candidate over the model in one streamed pass; see the module docstring.
+
+    `calib`: [n, seq] calibration token windows; `evalsets`: name -> [n, seq] windows whose NLL each
+    candidate reports. `keep_boundaries` keeps the first candidate's calibration stream at every block
+    boundary (the Fisher sensitivity pass replays them). The streamed model is left as it was found.
+    """
+    captured_c = streamed.capture(calib, batch_size) if any(c.modifier.needs_data for c in candidates) \
+        or keep_boundaries else None
+    captured_e = {name: streamed.capture(w, batch_size) for name, w in evalsets.items()}
+    for cand in candidates:
+        cand.calib = _copy(captured_c) if cand.modifier.needs_data or (keep_boundaries and cand is candidates[0]) \
+            else None
+        cand.evals = {name: _copy(acts) for name, acts in captured_e.items()}
+    boundaries = [_copy(candidates[0].calib)] if keep_boundaries else None
+    targets_of = by_block(targets)
+    for i in range(streamed.num_blocks):
+        t0 = time.perf_counter()
+        block = streamed.load_block(i)
+        original = _snapshot(block) if len(candidates) > 1 else None
+        for k, cand in enumerate(candidates):
+            if k:
+                block.load_state_dict(original)
+            _step(streamed, block, i, cand, targets_of.get(i, []), sequential)
+        if keep_boundaries:
+            boundaries.append(_copy(candidates[0].calib))
+        streamed.free_block(i)
+        log.debug("block %d/%d done in %.1fs", i + 1, streamed.num_blocks, time.perf_counter() - t0)
+        if progress:
+            progress()
+    nll = {}
+    for cand in candidates:
+        nll[cand.name] = {name: NLL(*streamed.head_nll(acts, evalsets[name], batch_size))
+                          for name, acts in cand.evals.items()}
+        for acts in [*cand.evals.values(), cand.calib]:
+            if acts is not None:
+                acts.release()
+    for acts in [captured_c, *captured_e.values()]:
+        if acts is not None:
+            acts.release()
+    return PipelineOutcome(nll, {c.name: c.layers for c in candidates},
+                           {c.name: round(c.seconds, 3) for c in candidates}, boundaries)
+
+
+def _copy(acts: Activations | None) -> Activations | None:
+    """A stream of its own over the same tensors: run_stored never writes into its inputs, so the
+    tensors are shared, not copied, until a block produces new ones."""
+    if acts is None:
+        return None
+    other = acts.new_like()
+    for tensor in acts:
+        other.append(tensor)
+    return other
