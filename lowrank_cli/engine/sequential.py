@@ -101,22 +101,21 @@ class PipelineOutcome:
         return self.nll[name], self.layers[name], self.seconds[name]
 
 
-def _apply(block, i: int, cand: Candidate, mine: list[Target], sequential: bool) -> Activations | None:
-    """Run the candidate's modifier on block i; returns the calibration stream after the block."""
+def _apply(block, i: int, cand: Candidate, mine: list[Target], shared: InputGrams | None) -> Activations | None:
+    """Run the candidate's modifier on block i; returns its own calibration stream after the block (None
+    when the calibration stream is shared: `shared` then holds the original block's Grams)."""
     mod, acts = cand.modifier, cand.calib
     if mine and not mod.needs_data:
         cand.layers += mod.modify(block, mine, None)
-    if not mine or not mod.needs_data:
+    if not mine or not mod.needs_data or shared is not None:
+        if mine and mod.needs_data:
+            by_local = {t.local: t for t in mine}
+            for group in shared.groups():
+                cand.layers += mod.modify(block, [by_local[g] for g in group], shared)
         return run_stored(block, acts, i, keep=True) if acts is not None else None
-    by_local = {t.local: t for t in mine}
-    if not sequential:  # one forward: the original block's Grams and its outputs
-        with InputGrams(block, list(by_local), product_dtype=mod.product_dtype) as grams:
-            out = run_stored(block, acts, i, keep=True)
-        for group in grams.groups():
-            cand.layers += mod.modify(block, [by_local[g] for g in group], grams)
-        return out
     # Learn the input groups and their forward order from one batch, then measure each group's Gram
     # with every layer before it already changed; the forward halts once the group has its input.
+    by_local = {t.local: t for t in mine}
     with InputGrams(block, list(by_local)) as probe:
         run_stored(block, acts, i, keep=False, batches=1)
     for group in probe.groups():
@@ -131,9 +130,9 @@ def _snapshot(block) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in block.state_dict().items()}
 
 
-def _step(streamed, block, i: int, cand: Candidate, mine: list[Target], sequential: bool) -> None:
+def _step(streamed, block, i: int, cand: Candidate, mine: list[Target], shared: InputGrams | None) -> None:
     start = time.perf_counter()
-    new_c = _apply(block, i, cand, mine, sequential)
+    new_c = _apply(block, i, cand, mine, shared)
     if cand.calib is not None:
         cand.calib.release()
         cand.calib = new_c
@@ -147,34 +146,59 @@ def _step(streamed, block, i: int, cand: Candidate, mine: list[Target], sequenti
     cand.seconds += time.perf_counter() - start
 
 
+def _shared_grams(block, i: int, acts: Activations, mine: list[Target], product_dtype):
+    """The original block's Grams of its targets and its outputs, in one forward."""
+    if not mine:
+        return None, run_stored(block, acts, i, keep=True)
+    with InputGrams(block, [t.local for t in mine], product_dtype=product_dtype) as grams:
+        out = run_stored(block, acts, i, keep=True)
+    return grams, out
+
+
 def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: list[Target],
                  candidates: list[Candidate], *, sequential: bool = True, batch_size: int = 1,
                  keep_boundaries: bool = False, progress=None) -> PipelineOutcome:
     """Run every candidate over the model in one streamed pass; see the module docstring.
 
     `calib`: [n, seq] calibration token windows; `evalsets`: name -> [n, seq] windows whose NLL each
-    candidate reports. `keep_boundaries` keeps the first candidate's calibration stream at every block
-    boundary (the Fisher sensitivity pass replays them). The streamed model is left as it was found.
+    candidate reports. With `sequential=False` one calibration stream through the original blocks serves
+    every candidate (its Grams are measured once per block). `keep_boundaries` keeps a calibration stream
+    at every block boundary (the shared one, else the first candidate's; the Fisher sensitivity pass
+    replays them). The streamed model is left as it was found.
     """
-    captured_c = streamed.capture(calib, batch_size) if any(c.modifier.needs_data for c in candidates) \
-        or keep_boundaries else None
+    needs_data = any(c.modifier.needs_data for c in candidates)
+    capture_c = needs_data or keep_boundaries
+    captured_c = streamed.capture(calib, batch_size) if capture_c else None
     captured_e = {name: streamed.capture(w, batch_size) for name, w in evalsets.items()}
-    for cand in candidates:
-        cand.calib = _copy(captured_c) if cand.modifier.needs_data or (keep_boundaries and cand is candidates[0]) \
-            else None
+    shared_c = captured_c if not sequential and capture_c else None
+    # float64 products unless every candidate accepts lower precision
+    product_dtype = {c.modifier.product_dtype for c in candidates if c.modifier.needs_data}
+    product_dtype = product_dtype.pop() if len(product_dtype) == 1 else None
+    for k, cand in enumerate(candidates):
+        own = sequential and (cand.modifier.needs_data or (keep_boundaries and k == 0))
+        cand.calib = _copy(captured_c) if own else None
         cand.evals = {name: _copy(acts) for name, acts in captured_e.items()}
-    boundaries = [_copy(candidates[0].calib)] if keep_boundaries else None
+    first = shared_c if shared_c is not None else candidates[0].calib
+    boundaries = [_copy(first)] if keep_boundaries else None
     targets_of = by_block(targets)
     for i in range(streamed.num_blocks):
         t0 = time.perf_counter()
         block = streamed.load_block(i)
+        mine = targets_of.get(i, [])
+        grams = None
+        if shared_c is not None:
+            grams, new_shared = _shared_grams(block, i, shared_c, mine if needs_data else [], product_dtype)
         original = _snapshot(block) if len(candidates) > 1 else None
         for k, cand in enumerate(candidates):
             if k:
                 block.load_state_dict(original)
-            _step(streamed, block, i, cand, targets_of.get(i, []), sequential)
+            _step(streamed, block, i, cand, mine, grams)
+        del grams
+        if shared_c is not None:
+            shared_c.release()
+            shared_c = new_shared
         if keep_boundaries:
-            boundaries.append(_copy(candidates[0].calib))
+            boundaries.append(_copy(shared_c if shared_c is not None else candidates[0].calib))
         streamed.free_block(i)
         log.debug("block %d/%d done in %.1fs", i + 1, streamed.num_blocks, time.perf_counter() - t0)
         if progress:
@@ -186,7 +210,7 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
         for acts in [*cand.evals.values(), cand.calib]:
             if acts is not None:
                 acts.release()
-    for acts in [captured_c, *captured_e.values()]:
+    for acts in [captured_c, shared_c, *captured_e.values()]:
         if acts is not None:
             acts.release()
     return PipelineOutcome(nll, {c.name: c.layers for c in candidates},

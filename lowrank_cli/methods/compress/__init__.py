@@ -1,0 +1,1 @@
+"""`compress`: candidate families across factorization and quantization, and the choice among them."""
