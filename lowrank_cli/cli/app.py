@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from lowrank_cli import __version__
+from lowrank_cli.cli import compress as compress_cmd
 from lowrank_cli.cli import decompose as decompose_cmd
 from lowrank_cli.cli import env as env_cmd
 from lowrank_cli.cli import eval as eval_cmd
@@ -69,6 +70,7 @@ app.command("decompose", epilog=decompose_cmd.EPILOG)(decompose_cmd.decompose_co
 app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_command)
 app.command("finetune", epilog=finetune_cmd.EPILOG)(finetune_cmd.finetune_command)
 app.command("quantize", epilog=quantize_cmd.EPILOG)(quantize_cmd.quantize_command)
+app.command("compress", epilog=compress_cmd.EPILOG)(compress_cmd.compress_command)
 app.command("merge", epilog=merge_cmd.EPILOG)(merge_cmd.merge_command)
 app.command("run", epilog=run_cmd.EPILOG, context_settings=run_cmd.CONTEXT)(run_cmd.run_command)
 app.add_typer(recipe_cmd.recipe_app, name="recipe")

@@ -12,7 +12,7 @@ from pathlib import Path
 from lowrank_cli.io.manifest import write_manifest
 from lowrank_cli.io.verify import verify_checkpoint
 
-__all__ = ["copy_outer_tensors", "write_config", "finish_folder", "weight_file_bytes"]
+__all__ = ["copy_outer_tensors", "write_config", "complete_folder", "finish_folder", "weight_file_bytes"]
 
 
 def copy_outer_tensors(ckpt, blocks_name: str, sink: Callable) -> None:
@@ -32,13 +32,18 @@ def write_config(folder: Path, config: dict) -> None:
     (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def finish_folder(folder: Path, ckpt, config: dict, *, command: str, options: dict, input_info: dict,
-                  metrics: dict, extra: dict | None = None) -> None:
-    """config.json, side files, verification, then the manifest (last)."""
+def complete_folder(folder: Path, ckpt, config: dict) -> None:
+    """config.json and the input's side files, then verification against the config."""
     folder = Path(folder)
     write_config(folder, config)
     for side in ckpt.side_files():
         shutil.copy2(side, folder / side.name)
     verify_checkpoint(folder)
+
+
+def finish_folder(folder: Path, ckpt, config: dict, *, command: str, options: dict, input_info: dict,
+                  metrics: dict, extra: dict | None = None) -> None:
+    """`complete_folder`, then the manifest (last)."""
+    complete_folder(folder, ckpt, config)
     write_manifest(folder, command=command, options=options, input_info=input_info, metrics=metrics,
                    extra=extra)

@@ -1,0 +1,46 @@
+"""`lowrank compress`: the smallest checkpoint within a quality budget (or the best one within a size),
+searched across quantization, factorization and their combinations.
+
+Flow (two streamed passes over the model, one block in memory at a time):
+  1. plan: every candidate of the chosen families (methods/compress/plan.py) with its exact size in bytes;
+     a size target drops the ones that cannot fit before any is run;
+  2. profile: the original model over calibration text (its Grams -> each layer's error-versus-rank
+     curve, for the factorizing families' rank allocation) and over the eval and test text (baselines);
+  3. candidates: one pass in which every candidate is built block by block from the original model's
+     Grams (one calibration stream serves them all; `--sequential` gives each its own), carried over the
+     eval and test text, and written to its own folder;
+  4. choice on eval perplexity only (test is what is reported), then optionally a short LoRA healing
+     fine-tune of the chosen candidate (`--heal-steps`), measured like the rest;
+  5. the winner's folder is moved into place with frontier.json, frontier.png and lowrank.json.
+"""
+
+from __future__ import annotations
+
+from lowrank_cli.api.common import check_device, with_overrides
+from lowrank_cli.api.compress_job import CompressJob
+from lowrank_cli.api.compress_options import FRONTIER_JSON, FRONTIER_PNG, CompressOptions, CompressResult
+from lowrank_cli.errors import UsageError
+from lowrank_cli.io.checkpoint import Checkpoint
+from lowrank_cli.io.output import check_output_target
+from lowrank_cli.io.resolve import resolve_model
+from lowrank_cli.utils.progress import Progress
+
+__all__ = ["CompressOptions", "CompressResult", "compress", "FRONTIER_JSON", "FRONTIER_PNG"]
+
+
+def compress(model: str, opts: CompressOptions | None = None, progress: Progress | None = None,
+             **overrides) -> CompressResult:
+    """Search the candidates for MODEL; see CompressOptions. Raises UsageError (2) or BudgetNotMet (3)."""
+    opts = with_overrides(opts or CompressOptions(), overrides)
+    opts.validate()
+    path = resolve_model(model)
+    if not opts.dry_run:
+        check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
+        check_device(opts.device)
+    ckpt = Checkpoint(path)
+    if ckpt.quantization or (ckpt.config.get("lowrank") or {}):
+        raise UsageError(f"'{model}' is already compressed; compress starts from a full-precision dense checkpoint")
+    job = CompressJob(model, path, ckpt, opts, progress or Progress())
+    return job.plan_only() if opts.dry_run else job.run()
+
+

@@ -1,0 +1,373 @@
+"""The steps of a compress run (see `lowrank_cli.api.compress` for the overview)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+from lowrank_cli.api.common import Timer, load_tokenizer, solver_windows
+from lowrank_cli.api.compress_options import FRONTIER_JSON, FRONTIER_PNG, CompressOptions, CompressResult
+from lowrank_cli.errors import BudgetNotMet, UsageError
+from lowrank_cli.io.output import OutputDir
+from lowrank_cli.methods.compress.plan import DEFAULT_BITS, DEFAULT_KEEPS, Spec, candidate_specs, pareto
+
+__all__ = ["CompressJob", "parse_target_size"]
+
+log = logging.getLogger("lowrank")
+RANK_MULTIPLE = 32  # GPTQ packs 32 levels per int32 word along each factor's rank dimension
+
+
+def parse_target_size(text: str, input_bytes: int) -> int:
+    """'60MB' / '1.5GB' / '123456' (bytes) or '0.3' / '30%' (of the input's weight bytes) -> bytes."""
+    from lowrank_cli.io.writer import parse_size
+
+    raw = str(text).strip()
+    try:
+        if raw.endswith("%"):
+            return int(float(raw[:-1]) / 100 * input_bytes)
+        value = float(raw)
+        if 0 < value < 1:
+            return int(value * input_bytes)
+        if value >= 1 and raw.replace(".", "", 1).isdigit():
+            return int(value)
+    except ValueError:
+        pass
+    try:
+        return parse_size(raw)
+    except (UsageError, ValueError) as exc:
+        raise UsageError(f"--target-size '{text}': give bytes ('60MB', '1.5GB') or a fraction of the input's "
+                         "weight bytes ('0.3', '30%')") from exc
+
+
+class CompressJob:
+    """plan -> profile pass -> candidates pass -> choice (-> healing) -> write."""
+
+    def __init__(self, model: str, path, ckpt, opts: CompressOptions, progress):
+        from lowrank_cli.api.quantize import check_packable
+        from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
+        from lowrank_cli.engine.targets import select_targets
+
+        self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
+        self.timer = Timer()
+        self.dtype = resolve_dtype(opts.dtype, opts.device)
+        with self.timer("load"):
+            self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
+                                          offload_dir=opts.offload_dir)
+            self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, None)
+        families = opts.chosen_families()
+        if any(f != "factorize" for f in families):
+            check_packable(ckpt, self.targets)
+        self.specs = candidate_specs(families, opts.bits or DEFAULT_BITS, opts.keeps or DEFAULT_KEEPS,
+                                     opts.correction_rank)
+        if not self.specs:
+            raise UsageError("the chosen --families and --bits leave no candidate (factorize-gptq tries 3 and 4 "
+                             "bits, gptq-lr 2 and 3)")
+        self.input_bytes = ckpt.total_bytes()
+        self.params = ckpt.num_params()
+        kind = opts.budget_kind()
+        self.budget = {"kind": kind}
+        if kind == "target_size":
+            self.budget.update(value=opts.target_size, limit_bytes=parse_target_size(opts.target_size,
+                                                                                     self.input_bytes))
+        else:
+            self.budget["value"] = opts.target_ppl_increase if opts.target_ppl_increase is not None else 0.01
+        self.curves = None
+
+    # -- pricing ---------------------------------------------------------------------------------------------
+    def _ranks(self, keep: float) -> dict:
+        from lowrank_cli.methods.decompose import allocate
+
+        if self.curves is None or self.opts.allocation == "uniform":
+            curves = self.curves or self._flat_curves()
+            return allocate.uniform_ranks(curves, keep, RANK_MULTIPLE)
+        return allocate.allocate_ranks(self.curves, keep, RANK_MULTIPLE)
+
+    def _flat_curves(self):
+        import torch
+
+        from lowrank_cli.methods.decompose.allocate import LayerCurve
+
+        return [LayerCurve(t.name, t.m, t.n, torch.zeros(min(t.m, t.n) + 1)) for t in self.targets]
+
+    def _price(self, spec: Spec) -> int:
+        from lowrank_cli.methods.quantize.plan import quantized_checkpoint_bytes
+
+        gs = self.opts.group_size
+        if spec.keep is not None:
+            spec.extra["ranks"] = self._ranks(spec.keep)
+        if spec.family in ("gptq", "factorize-gptq"):
+            return quantized_checkpoint_bytes(self.ckpt, self.targets, spec.bits, gs, spec.extra.get("ranks"))
+        if spec.family == "gptq-lr":
+            adapter = sum(spec.rank * (t.m + t.n) * 2 for t in self.targets)  # float16 L and R
+            return quantized_checkpoint_bytes(self.ckpt, self.targets, spec.bits, gs) + adapter
+        ranks = spec.extra["ranks"]  # factorize, written in 16 bits
+        weights = {t.name + ".weight": t for t in self.targets}
+        total = 0
+        for name, info in self.ckpt.tensors.items():
+            t = weights.get(name)
+            r = ranks.get(t.name) if t is not None else None
+            numel = r * (t.m + t.n) if r is not None else info.numel
+            total += numel * 2 if info.float_dtype is not None else info.nbytes
+        return total
+
+    def _priced(self) -> list[Spec]:
+        for spec in self.specs:
+            spec.bytes = self._price(spec)
+        limit = self.budget.get("limit_bytes")
+        if limit is None:
+            return self.specs
+        fits = [s for s in self.specs if s.bytes <= limit]
+        if not fits:
+            smallest = min(self.specs, key=lambda s: s.bytes)
+            raise BudgetNotMet(f"no candidate fits {limit / 2**20:.1f} MiB: the smallest, {smallest.label}, takes "
+                               f"{smallest.bytes / 2**20:.1f} MiB; nothing was run or written",
+                               hint="raise --target-size or add --bits 2")
+        return fits
+
+    def _spec_row(self, spec: Spec) -> dict:
+        return {"label": spec.label, "family": spec.family, "bits": spec.bits, "keep": spec.keep, "rank": spec.rank,
+                "bytes": spec.bytes, "bits_per_weight": spec.bytes * 8 / self.params}
+
+    def _cost(self, n: int) -> dict:
+        """Token-forwards of the two passes, and their multiple of one profile pass."""
+        o = self.opts
+        calib = o.calib_samples * o.calib_seq_len
+        profile = calib + o.eval_tokens + o.test_tokens
+        calib_share = calib * n if o.sequential else calib
+        total = profile + calib_share + n * (o.eval_tokens + o.test_tokens)
+        return {"token_forwards": total, "vs_one_pass": total / profile, "candidates": n}
+
+    def plan_only(self) -> CompressResult:
+        specs = self._priced()
+        rows = [self._spec_row(s) for s in sorted(specs, key=lambda s: s.bytes)]
+        for row in rows:
+            if row["keep"] is not None:
+                row["bytes_kind"] = "estimate (uniform ranks; the run allocates by error curves)"
+        baseline = {"bytes": self.input_bytes, "cost": self._cost(len(specs))}
+        return CompressResult(model=self.model, output=None, dry_run=True, budget=self.budget, chosen=None,
+                              candidates=rows, baseline=baseline, timings_s=self.timer.seconds)
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def run(self) -> CompressResult:
+        import torch
+
+        with self.timer("data"):
+            self.windows = solver_windows(load_tokenizer(self.path), self.opts)
+        torch.manual_seed(self.opts.seed)
+        self.baseline = self._profile()
+        specs = self._priced()
+        out = OutputDir(self.opts.output, overwrite=self.opts.overwrite, inputs=[self.path])
+        with out as tmp:
+            records = self._candidates(tmp, specs)
+            chosen = self._choose(records)
+            if self.opts.heal_steps:
+                chosen = self._heal(tmp, chosen, records)
+            result = self._write(tmp, chosen, records)
+            result.output = str(out.target)
+            out.commit()
+        return result
+
+    def _evalsets(self) -> dict:
+        return {"eval": self.windows.eval, "test": self.windows.test}
+
+    def _profile(self) -> dict:
+        """Baseline eval/test perplexity and, for the factorizing families, the layers' error curves."""
+        from lowrank_cli.engine.sequential import Candidate, run_pipeline
+        from lowrank_cli.methods.decompose.allocate import LayerCurve
+        from lowrank_cli.methods.decompose.modifier import Profiler
+
+        curves = any(s.keep is not None for s in self.specs) and self.opts.allocation == "error"
+        profiler = Profiler("lord", self.opts.damp, curves=curves)
+        with self.timer("profile"):
+            task = self.progress.task("profile", self.streamed.num_blocks)
+            outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
+                                   [Candidate("profile", profiler)], sequential=False, batch_size=self.opts.batch_size,
+                                   progress=task.advance)
+            task.close()
+        nll, _, _ = outcome.only()
+        if curves:
+            self.curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name]) for t in self.targets]
+        log.info("baseline perplexity: eval %.4f, test %.4f", nll["eval"].perplexity, nll["test"].perplexity)
+        return {"eval": nll["eval"].perplexity, "test": nll["test"].perplexity, "bytes": self.input_bytes,
+                "eval_tokens": nll["eval"].tokens, "test_tokens": nll["test"].tokens,
+                "calib_tokens": int(self.windows.calib.numel())}
+
+    def _grid(self, bits: int) -> SimpleNamespace:
+        o = self.opts
+        return SimpleNamespace(bits=bits, group_size=o.group_size, sym=o.sym, act_order=o.act_order, damp=o.damp,
+                               method="gptq")
+
+    def _modifier(self, spec: Spec):
+        from lowrank_cli.methods.compress.modifiers import FactorizeThenQuantize
+        from lowrank_cli.methods.decompose.modifier import Factorize
+        from lowrank_cli.methods.quantize.grid import Grid
+        from lowrank_cli.methods.quantize.modifier import Quantize
+
+        o = self.opts
+        quantize = Quantize(Grid(spec.bits, o.group_size, o.sym), damp=o.damp, act_order=o.act_order) \
+            if spec.bits is not None else None
+        if spec.family == "gptq":
+            return quantize
+        if spec.family == "factorize-gptq":
+            return FactorizeThenQuantize(Factorize(spec.extra["ranks"], "lord", o.damp), quantize)
+        if spec.family == "factorize":
+            return Factorize(spec.extra["ranks"], "lord", o.damp)
+        from lowrank_cli.methods.compress.correction import QuantizeWithCorrection
+
+        return QuantizeWithCorrection(quantize, spec.rank, damp=o.damp)
+
+    def _candidates(self, tmp: Path, specs: list[Spec]) -> list[dict]:
+        """Every candidate in one streamed pass, each written to its own folder; their records."""
+        from lowrank_cli.engine.sequential import Candidate, run_pipeline
+        from lowrank_cli.io.finish import copy_outer_tensors
+        from lowrank_cli.io.writer import ShardWriter, parse_size
+
+        runs = []
+        for spec in specs:
+            folder = tmp / f".candidate-{spec.label}"
+            folder.mkdir()
+            writer = ShardWriter(folder, parse_size(self.opts.max_shard_size))
+            runs.append((spec, folder, writer, Candidate(spec.label, self._modifier(spec), _float16_sink(writer))))
+        log.info("%d candidates: %s", len(runs), ", ".join(s.label for s in specs))
+        with self.timer("candidates"):
+            task = self.progress.task(f"{len(runs)} candidates", self.streamed.num_blocks)
+            outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
+                                   [r[3] for r in runs], sequential=self.opts.sequential,
+                                   batch_size=self.opts.batch_size, progress=task.advance)
+            task.close()
+        records = []
+        with self.timer("write"):
+            for spec, folder, writer, cand in runs:
+                copy_outer_tensors(self.ckpt, self.streamed.blocks_name, cand.sink)
+                writer.close()
+                self._complete(spec, folder, cand.modifier, outcome.layers[cand.name])
+                records.append(self._record(spec, folder, outcome.nll[cand.name], outcome.seconds[cand.name]))
+        return records
+
+    def _complete(self, spec: Spec, folder: Path, modifier, layers: list[dict]) -> None:
+        """config.json (+ modeling file, + correction adapter), side files, verification."""
+        from lowrank_cli.api.quantize import quantized_config
+        from lowrank_cli.io.finish import complete_folder
+        from lowrank_cli.modeling import export
+
+        config = dict(self.ckpt.config)
+        factored = {r["name"]: r["rank"] for r in layers if r.get("rank") is not None}
+        targets = self.targets
+        if factored:
+            config = export.lowrank_config(config, factored, "lord")
+            export.write_modeling_file(folder, self.ckpt.model_type)
+            targets = _factor_targets(self.targets, factored)
+        if spec.bits is not None:
+            config = quantized_config(config, self._grid(spec.bits), targets, folder)
+        else:
+            config["dtype"] = "float16"
+            config.pop("torch_dtype", None)
+        if spec.family == "gptq-lr":
+            modifier.write_adapter(folder, self.ckpt.model_type)
+        complete_folder(folder, self.ckpt, config)
+
+    def _record(self, spec: Spec, folder: Path, nll: dict, seconds: float) -> dict:
+        from lowrank_cli.io.finish import weight_file_bytes
+
+        size = weight_file_bytes(folder) + sum(weight_file_bytes(p) for p in folder.iterdir() if p.is_dir())
+        ev, te = nll["eval"].perplexity, nll["test"].perplexity
+        row = self._spec_row(spec)
+        row.update(predicted_bytes=spec.bytes, bytes=size, bits_per_weight=size * 8 / self.params,
+                   eval_perplexity=ev, test_perplexity=te, eval_increase=ev / self.baseline["eval"] - 1,
+                   test_increase=te / self.baseline["test"] - 1, seconds=round(seconds, 2), healed=False,
+                   folder=str(folder))
+        log.info("%-28s %8.2f MiB  eval %.4f (%+.2f%%)  test %.4f", spec.label, size / 2**20, ev,
+                 row["eval_increase"] * 100, te)
+        return row
+
+    # -- choice and output -----------------------------------------------------------------------------------
+    def _passes(self, row: dict) -> bool:
+        if self.budget["kind"] == "target_size":
+            return row["bytes"] <= self.budget["limit_bytes"] and math.isfinite(row["eval_perplexity"])
+        limit = self.baseline["eval"] * (1 + self.budget["value"])
+        return math.isfinite(row["eval_perplexity"]) and row["eval_perplexity"] <= limit
+
+    def _choose(self, records: list[dict]) -> dict:
+        """Decided on eval perplexity and bytes only: the test text never steers the choice."""
+        for row in records:
+            row["passed"] = self._passes(row)
+        passed = [r for r in records if r["passed"]]
+        if self.budget["kind"] == "target_size":
+            best = min(passed, key=lambda r: (r["eval_perplexity"], r["bytes"]), default=None)
+        else:
+            best = min(passed, key=lambda r: (r["bytes"], r["eval_perplexity"]), default=None)
+        if best is None:
+            closest = sorted(records, key=lambda r: r["eval_perplexity"])[:3]
+            listed = "; ".join(f"{r['label']} {r['bytes'] / 2**20:.1f} MiB eval {r['eval_perplexity']:.4f} "
+                               f"({r['eval_increase'] * 100:+.2f}%)" for r in closest)
+            limit = f"+{self.budget['value'] * 100:.3g}%" if "limit_bytes" not in self.budget else \
+                f"{self.budget['limit_bytes'] / 2**20:.1f} MiB"
+            raise BudgetNotMet(f"no candidate met {limit} (baseline eval {self.baseline['eval']:.4f}); closest: "
+                               f"{listed}; nothing was written", hint="raise the budget or add --families/--bits",
+                               details={"candidates": [_public(r) for r in records], "baseline": self.baseline})
+        log.info("chosen: %s (%.2f MiB)", best["label"], best["bytes"] / 2**20)
+        return best
+
+    def _heal(self, tmp: Path, chosen: dict, records: list[dict]) -> dict:
+        from lowrank_cli.api.compress_heal import heal_candidates
+
+        with self.timer("heal"):
+            healed = heal_candidates(self, tmp, chosen, records)
+        records.extend(healed)
+        return self._choose(records)
+
+    def _write(self, tmp: Path, chosen: dict, records: list[dict]) -> CompressResult:
+        from lowrank_cli.io.frontier import write_frontier
+        from lowrank_cli.io.manifest import write_manifest
+
+        folder = Path(chosen["folder"])
+        for item in folder.iterdir():
+            shutil.move(str(item), tmp / item.name)
+        for other in tmp.glob(".candidate-*"):
+            shutil.rmtree(other)
+        rows = sorted((_public(r) for r in records), key=lambda r: r["bytes"])
+        public = _public(chosen)
+        doc = {"schema": "lowrank.frontier/v1", "model": self.model, "budget": self.budget,
+               "baseline": self.baseline, "chosen": public["label"], "candidates": rows,
+               "pareto_test": [r["label"] for r in pareto(rows)],
+               "note": "the choice reads eval perplexity and bytes only; test perplexity is reported"}
+        write_frontier(tmp / FRONTIER_JSON, tmp / FRONTIER_PNG, doc)
+        write_manifest(tmp, command="compress", options=vars(self.opts),
+                       input_info={"model": self.model, "path": str(self.path), "fingerprint": self.ckpt.fingerprint()},
+                       metrics={"chosen": public, "baseline": self.baseline, "budget": self.budget},
+                       extra={"candidates": rows, "timings_s": self.timer.seconds})
+        return CompressResult(model=self.model, output=None, dry_run=False, budget=self.budget, chosen=public,
+                              candidates=rows, baseline=self.baseline, timings_s=self.timer.seconds)
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "folder"}
+
+
+def _float16_sink(writer):
+    """Floats in 16 bits (the size compress searches on), integer (packed) tensors as they are."""
+    import torch
+
+    def sink(name, tensor):
+        writer.add(name, tensor.to(torch.float16) if tensor.is_floating_point() else tensor)
+
+    return sink
+
+
+def _factor_targets(targets, factored: dict):
+    """The linears of a factorized model: NAME.down (r x n) and NAME.up (m x r) for factored targets."""
+    from lowrank_cli.engine.targets import Target
+
+    out = []
+    for t in targets:
+        r = factored.get(t.name)
+        if r is None:
+            out.append(t)
+            continue
+        out.append(Target(t.name + ".down", t.block, t.local + ".down", r, t.n, False))
+        out.append(Target(t.name + ".up", t.block, t.local + ".up", t.m, r, t.bias))
+    return out
+
