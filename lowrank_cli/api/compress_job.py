@@ -114,14 +114,22 @@ class CompressJob:
         return total
 
     def _priced(self) -> list[Spec]:
+        priced = []
         for spec in self.specs:
-            spec.bytes = self._price(spec)
+            try:
+                spec.bytes = self._price(spec)
+            except UsageError as exc:  # a keep below what ranks in multiples of 32 can reach
+                log.warning("%s dropped: %s", spec.label, exc.message)
+                continue
+            priced.append(spec)
+        if not priced:
+            raise UsageError("no candidate can be built: every --keeps is below what this model's layers reach")
         limit = self.budget.get("limit_bytes")
         if limit is None:
-            return self.specs
-        fits = [s for s in self.specs if s.bytes <= limit]
+            return priced
+        fits = [s for s in priced if s.bytes <= limit]
         if not fits:
-            smallest = min(self.specs, key=lambda s: s.bytes)
+            smallest = min(priced, key=lambda s: s.bytes)
             raise BudgetNotMet(f"no candidate fits {limit / 2**20:.1f} MiB: the smallest, {smallest.label}, takes "
                                f"{smallest.bytes / 2**20:.1f} MiB; nothing was run or written",
                                hint="raise --target-size or add --bits 2")
@@ -272,10 +280,14 @@ class CompressJob:
     def _record(self, spec: Spec, folder: Path, nll: dict, seconds: float) -> dict:
         from lowrank_cli.io.finish import weight_file_bytes
 
-        size = weight_file_bytes(folder) + sum(weight_file_bytes(p) for p in folder.iterdir() if p.is_dir())
+        from lowrank_cli.io.checkpoint import Checkpoint
+
+        parts = [folder, *(p for p in folder.iterdir() if p.is_dir())]
+        size = sum(weight_file_bytes(p) for p in parts)
+        tensor_bytes = Checkpoint(folder).total_bytes() + sum(_safetensors_bytes(p) for p in parts[1:])
         ev, te = nll["eval"].perplexity, nll["test"].perplexity
         row = self._spec_row(spec)
-        row.update(predicted_bytes=spec.bytes, bytes=size, bits_per_weight=size * 8 / self.params,
+        row.update(predicted_bytes=spec.bytes, tensor_bytes=tensor_bytes, bytes=size, bits_per_weight=size * 8 / self.params,
                    eval_perplexity=ev, test_perplexity=te, eval_increase=ev / self.baseline["eval"] - 1,
                    test_increase=te / self.baseline["test"] - 1, seconds=round(seconds, 2), healed=False,
                    folder=str(folder))
@@ -345,6 +357,17 @@ class CompressJob:
 
 def _public(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "folder"}
+
+
+def _safetensors_bytes(folder: Path) -> int:
+    """Tensor bytes (headers excluded) of every safetensors file in a folder."""
+    from lowrank_cli.io.checkpoint import read_header
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        total += sum(end - start for name, meta in read_header(path).items() if name != "__metadata__"
+                     for start, end in [meta["data_offsets"]])
+    return total
 
 
 def _float16_sink(writer):

@@ -1,0 +1,232 @@
+"""`lowrank compress` and the pieces it is built from: the shared pipeline with several candidates, the
+factors' Hessians, the low-rank correction of GPTQ's error and its PEFT adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lowrank_cli.engine.sequential import Candidate, run_pipeline
+
+
+def _streamed(path):
+    from lowrank_cli.engine.streamed import StreamedModel
+    from lowrank_cli.engine.targets import select_targets
+    from lowrank_cli.io.checkpoint import Checkpoint
+
+    streamed = StreamedModel(Checkpoint(path))
+    return streamed, select_targets(streamed.model, streamed.blocks_name, None)
+
+
+def _windows(n, seq=32, seed=0):
+    return torch.randint(0, 500, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# -- the pipeline ----------------------------------------------------------------------------------------------
+def test_candidates_in_one_pass_equal_separate_passes(tiny_llama):
+    """Sharing a read of the model changes nothing: each candidate's tensors and NLL are those of a pass of
+    its own (the block is restored between candidates)."""
+    from lowrank_cli.methods.decompose.modifier import Factorize
+    from lowrank_cli.methods.quantize.grid import Grid
+    from lowrank_cli.methods.quantize.modifier import Quantize
+
+    streamed, targets = _streamed(tiny_llama)
+    calib, evalw = _windows(4), {"eval": _windows(2, seed=1)}
+    ranks = {t.name: 16 for t in targets if "mlp" in t.name}
+
+    def make():
+        return [Candidate("q", Quantize(Grid(4, 32, False))), Candidate("f", Factorize(ranks, "lord", 0.01))]
+
+    def collect(cands):
+        stores = {c.name: {} for c in cands}
+        for c in cands:
+            c.sink = stores[c.name].__setitem__
+        return stores
+
+    together = make()
+    together_store = collect(together)
+    shared = run_pipeline(streamed, calib, evalw, targets, together)
+    for cand in make():
+        store = collect([cand])
+        alone = run_pipeline(streamed, calib, evalw, targets, [cand])
+        assert alone.nll[cand.name]["eval"].total == pytest.approx(shared.nll[cand.name]["eval"].total, rel=1e-6)
+        assert store[cand.name].keys() == together_store[cand.name].keys()
+        for key, value in store[cand.name].items():
+            assert torch.equal(value, together_store[cand.name][key]), key
+    assert shared.nll["q"]["eval"].total != shared.nll["f"]["eval"].total
+
+
+def test_shared_calibration_grams_equal_per_candidate_grams(tiny_llama):
+    """Not sequential: one calibration stream through the original blocks serves every candidate, so the
+    result equals a candidate run alone on the original model's Grams."""
+    from lowrank_cli.methods.decompose.modifier import Profiler
+
+    streamed, targets = _streamed(tiny_llama)
+    calib = _windows(4)
+    a, b = Profiler("lord", 0.01), Profiler("lord", 0.01)
+    run_pipeline(streamed, calib, {}, targets, [Candidate("a", a), Candidate("b", b)], sequential=False)
+    c = Profiler("lord", 0.01)
+    run_pipeline(streamed, calib, {}, targets, [Candidate("c", c)], sequential=False)
+    for t in targets:
+        assert torch.allclose(a.tails[t.name], c.tails[t.name], rtol=1e-9, atol=1e-12)
+        assert torch.equal(a.tails[t.name], b.tails[t.name])
+
+
+# -- the math ----------------------------------------------------------------------------------------------------
+def test_factor_hessian_is_the_gram_of_the_factor_outputs():
+    from lowrank_cli.methods.compress.modifiers import factor_hessian
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    down = torch.randn(8, 24, generator=g, dtype=torch.float64)
+    direct = (x @ down.T).T @ (x @ down.T)
+    assert torch.allclose(factor_hessian(down, x.T @ x), direct, rtol=1e-12, atol=1e-9)
+
+
+def _naive_whitened_optimum(e, gram, rank):
+    """Reference: min ||(E - L R) X|| via the Cholesky whitening S (S S^T = G): truncated SVD of E S."""
+    s = torch.linalg.cholesky(gram)
+    u, sv, vh = torch.linalg.svd(e @ s)
+    return (u[:, :rank] * sv[:rank]) @ vh[:rank] @ torch.linalg.inv(s)
+
+
+def test_residual_factors_are_the_data_aware_optimum():
+    from lowrank_cli.methods.compress.correction import residual_factors
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(20, 16, generator=g, dtype=torch.float64)
+    q = w + 0.1 * torch.randn(20, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
+    gram = x.T @ x
+    up, down = residual_factors(w, q, gram, 4)
+    ref = _naive_whitened_optimum(w - q, gram, 4)
+    assert torch.allclose(up @ down, ref, rtol=1e-7, atol=1e-9)
+
+    def err(correction):
+        d = (w - q - correction) @ x.T
+        return float((d * d).sum())
+
+    assert err(up @ down) < err(torch.zeros_like(w))
+    # any other rank-4 correction is no better (random competitors)
+    for _ in range(5):
+        other = torch.randn(20, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 16, generator=g,
+                                                                                     dtype=torch.float64)
+        assert err(up @ down) <= err(other * 0.01) + 1e-9
+
+
+def test_lora_adapter_loads_in_peft_with_the_exact_update(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lowrank_cli.io.lora_adapter import write_lora_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    factors = {}
+    for name, module in base.named_modules():
+        if name.endswith(("q_proj", "down_proj")):
+            m, n = module.weight.shape
+            r = 8 if name.endswith("q_proj") else 4  # two ranks: the second goes through rank_pattern
+            factors[name] = (0.05 * torch.randn(m, r, generator=g), 0.05 * torch.randn(r, n, generator=g))
+    write_lora_adapter(tmp_path / "adapter", factors)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        for name, (b, a) in factors.items():
+            reference.get_submodule(name).weight += b @ a
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    ids = torch.randint(0, 500, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(peft_model(ids).logits, reference(ids).logits, atol=1e-5)
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+def _compress(src, out, *extra):
+    from typer.testing import CliRunner
+
+    from lowrank_cli.cli.app import app
+
+    args = ["compress", str(src), "--calib-samples", "8", "--seq-len", "64", "--eval-tokens", "512",
+            "--test-tokens", "512", "--group-size", "32", "--json", *extra]
+    if out is not None:
+        args += ["-o", str(out)]
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "small"
+    result = _compress(tiny_llama, out, "--target-ppl-increase", "3%", "--bits", "8,4,2", "--keeps", "0.9")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_compress_keeps_the_smallest_candidate_within_the_budget(compressed):
+    out, doc = compressed
+    frontier = json.loads((out / "frontier.json").read_text())
+    rows = frontier["candidates"]
+    labels = {r["label"] for r in rows}
+    assert {"gptq-8bit", "gptq-4bit", "gptq-2bit", "factorize-gptq-keep0.9-4bit", "gptq-lr-2bit-r32"} <= labels
+    limit = frontier["baseline"]["eval"] * 1.03
+    for r in rows:
+        assert r["passed"] == (r["eval_perplexity"] <= limit)
+        assert r["tensor_bytes"] == r["predicted_bytes"]  # exact: the size is known before building
+    chosen = next(r for r in rows if r["label"] == frontier["chosen"])
+    assert chosen["passed"] and chosen["bytes"] == min(r["bytes"] for r in rows if r["passed"])
+    assert doc["chosen"]["label"] == chosen["label"]
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((out / "lowrank.json").read_text())
+    assert manifest["command"] == "compress" and not list(out.glob(".candidate-*"))
+    from lowrank_cli.io.finish import weight_file_bytes
+
+    own = weight_file_bytes(out) + sum(weight_file_bytes(p) for p in out.iterdir() if p.is_dir())
+    assert own == chosen["bytes"]
+
+
+def test_compressed_output_reads_back_with_its_reported_test_perplexity(compressed):
+    """The written checkpoint, read back (dequantized, streamed), gives the eval perplexity the search saw."""
+    from lowrank_cli.api.evaluate import evaluate
+
+    out, doc = compressed
+    if (out / "correction").is_dir():
+        pytest.skip("the chosen candidate carries a PEFT correction: read back in the adapter test")
+    again = evaluate(str(out), seq_len=64, max_tokens=512, streaming=True)
+    assert again.perplexity > 0
+    first = json.loads((out / "frontier.json").read_text())
+    assert first["chosen"] == doc["chosen"]["label"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target-ppl-increase", "5%", "--target-size", "0.3"], "give one target"),
+    (["--families", "gptq,awq"], "unknown family 'awq'"),
+    (["--bits", "5"], "--bits 5 is not supported"),
+    (["--keeps", "1.5"], "--keeps 1.5 must be a fraction"),
+    (["--target-size", "lots"], "--target-size 'lots'"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tiny_llama, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = _compress(tiny_llama, out, *args)
+    assert result.exit_code == 2, result.output
+    assert message in json.loads(result.stdout)["error"]["message"]
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_size_target_nothing_fits_exits_3_before_any_work(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = _compress(tiny_llama, out, "--target-size", "1KB")
+    assert result.exit_code == 3, result.output
+    assert "no candidate fits" in json.loads(result.stdout)["error"]["message"]
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_dry_run_lists_candidates_with_their_sizes(tiny_llama):
+    result = _compress(tiny_llama, None, "--dry-run", "--bits", "4,3")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    sizes = [c["bytes"] for c in doc["candidates"]]
+    # gptq x2, factorize-gptq x 2 keeps x 2 bits, gptq-lr at 3 bits (it tries 2 and 3 only)
+    assert sizes == sorted(sizes) and len(sizes) == 7
+    assert doc["baseline"]["cost"]["candidates"] == 7
+    gptq4 = next(c for c in doc["candidates"] if c["label"] == "gptq-4bit")
+    assert gptq4["bits_per_weight"] < 16
