@@ -230,3 +230,17 @@ def test_dry_run_lists_candidates_with_their_sizes(tiny_llama):
     assert doc["baseline"]["cost"]["candidates"] == 7
     gptq4 = next(c for c in doc["candidates"] if c["label"] == "gptq-4bit")
     assert gptq4["bits_per_weight"] < 16
+
+
+def test_heal_steps_add_measured_healed_candidates(tiny_llama, tmp_path):
+    out = tmp_path / "healed"
+    result = _compress(tiny_llama, out, "--families", "gptq", "--bits", "4", "--heal-steps", "2",
+                       "--target-ppl-increase", "50%")
+    assert result.exit_code == 0, result.output
+    rows = {r["label"]: r for r in json.loads((out / "frontier.json").read_text())["candidates"]}
+    assert set(rows) == {"gptq-4bit", "gptq-4bit+heal2"}
+    healed, plain = rows["gptq-4bit+heal2"], rows["gptq-4bit"]
+    assert healed["healed"] and not plain["healed"]
+    assert healed["eval_perplexity"] != plain["eval_perplexity"]  # measured, not copied
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 4  # a quantized candidate is requantized after healing

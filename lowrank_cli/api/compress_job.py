@@ -278,20 +278,23 @@ class CompressJob:
         complete_folder(folder, self.ckpt, config)
 
     def _record(self, spec: Spec, folder: Path, nll: dict, seconds: float) -> dict:
-        from lowrank_cli.io.finish import weight_file_bytes
+        row = self._spec_row(spec)
+        row.update(predicted_bytes=spec.bytes, seconds=round(seconds, 2), healed=False)
+        return self._measured(row, folder, nll)
 
+    def _measured(self, row: dict, folder: Path, nll: dict) -> dict:
+        """The row with the folder's sizes (files on disk; tensor bytes) and its eval/test perplexity."""
         from lowrank_cli.io.checkpoint import Checkpoint
+        from lowrank_cli.io.finish import weight_file_bytes
 
         parts = [folder, *(p for p in folder.iterdir() if p.is_dir())]
         size = sum(weight_file_bytes(p) for p in parts)
         tensor_bytes = Checkpoint(folder).total_bytes() + sum(_safetensors_bytes(p) for p in parts[1:])
         ev, te = nll["eval"].perplexity, nll["test"].perplexity
-        row = self._spec_row(spec)
-        row.update(predicted_bytes=spec.bytes, tensor_bytes=tensor_bytes, bytes=size, bits_per_weight=size * 8 / self.params,
+        row.update(tensor_bytes=tensor_bytes, bytes=size, bits_per_weight=size * 8 / self.params,
                    eval_perplexity=ev, test_perplexity=te, eval_increase=ev / self.baseline["eval"] - 1,
-                   test_increase=te / self.baseline["test"] - 1, seconds=round(seconds, 2), healed=False,
-                   folder=str(folder))
-        log.info("%-28s %8.2f MiB  eval %.4f (%+.2f%%)  test %.4f", spec.label, size / 2**20, ev,
+                   test_increase=te / self.baseline["test"] - 1, folder=str(folder))
+        log.info("%-28s %8.2f MiB  eval %.4f (%+.2f%%)  test %.4f", row["label"], size / 2**20, ev,
                  row["eval_increase"] * 100, te)
         return row
 
