@@ -108,7 +108,8 @@ def main() -> None:
         quant = scores(f"{tmp}/q", windows, dequantize=True)
     rows = table(base, quant, tokens)
     pool = ppl_noise(quant, tokens, base)
-    print(f"\npool: {windows.shape[0]} windows x {SEQ_LEN} tokens; base ppl {math.exp(sum(base) / (tokens * len(base))):.3f}"
+    base_ppl = math.exp(sum(base) / (tokens * len(base)))
+    print(f"\npool: {windows.shape[0]} windows x {SEQ_LEN} tokens; base ppl {base_ppl:.3f}"
           f", GPTQ {args.bits}-bit ratio {pool.ratio:.4f}; base scoring {base_s:.0f} s")
     print(f"{'tokens':>7}{'sets':>5}{'base ppl':>10}{'base spread':>13}{'base SE':>9}"
           f"{'ratio':>8}{'ratio spread':>14}{'ratio SE':>10}")

@@ -165,7 +165,7 @@ def test_paired_ratio_removes_the_shared_difficulty():
     assert found.relative_se > 0.05  # while each model alone is noisy
     noisy = [b + t * rng.gauss(0.01, 0.02) for b in base]
     paired = ppl_noise(noisy, t, base)
-    diffs = [(c - b) / t for c, b in zip(noisy, base)]
+    diffs = [(c - b) / t for c, b in zip(noisy, base, strict=True)]
     assert paired.ratio_relative_se == pytest.approx(statistics.stdev(diffs) / math.sqrt(n), rel=1e-10)
     assert paired.resolves(0.05) and not paired.resolves(0.001)
 

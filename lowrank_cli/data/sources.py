@@ -126,7 +126,7 @@ def _stdlib_mix(part: str | None) -> list[str]:
     docs = [d for q in prose_parts for d in _stdlib_prose(q)] if part is not None else _stdlib_prose(None)
     prose = [p for d in docs for p in _pieces(d, MIX_PIECE_CHARS)]
     random.Random(0).shuffle(code)
-    return [c + "\n\n" + p for c, p in zip(code, prose)]
+    return [c + "\n\n" + p for c, p in zip(code, prose, strict=False)]  # the prose sets the count
 
 
 def _read_text(path: Path) -> str:
@@ -199,9 +199,9 @@ def load_documents(spec: str | None, *, part: str | None = None, text_field: str
     """Documents from a data spec, optionally restricted to one part of the disjoint split.
 
     Args:
-        spec: None or "stdlib" (default code), "stdlib-prose", "stdlib-mix", a file (.txt/.py/... read whole, .jsonl with
-            `text_field`, .parquet with column `text_field`), a glob, a folder (its text files), or a datasets
-            hub id (`name` or `name:split`).
+        spec: None or "stdlib" (default code), "stdlib-prose", "stdlib-mix", a file (.txt/.py/... read whole,
+            .jsonl with `text_field`, .parquet with column `text_field`), a glob, a folder (its text files), or a
+            datasets hub id (`name` or `name:split`).
         part: "eval", "test", "calib", "train" or None for every document.
         text_field: the jsonl field / parquet column / dataset column that holds the text.
     """

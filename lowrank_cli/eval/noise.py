@@ -48,7 +48,7 @@ def _mean_and_se(sums: Sequence[float], tokens: Sequence[int]) -> tuple[float, f
     mu = math.fsum(sums) / total_tokens
     if n < 2:
         return mu, math.inf  # one window says nothing about the spread
-    residual = math.fsum((s - mu * t) ** 2 for s, t in zip(sums, tokens))
+    residual = math.fsum((s - mu * t) ** 2 for s, t in zip(sums, tokens, strict=True))
     return mu, math.sqrt(n / (n - 1) * residual) / total_tokens
 
 
@@ -74,6 +74,6 @@ def ppl_noise(per_window: Sequence[float], tokens_per_window: int | Sequence[int
         return PerplexityNoise(n, math.exp(mu), se)
     if len(base_per_window) != n:
         raise ValueError(f"base has {len(base_per_window)} windows, the model {n}: pair the same windows")
-    diff = [c - b for c, b in zip(per_window, base_per_window)]
+    diff = [c - b for c, b in zip(per_window, base_per_window, strict=True)]
     log_ratio, ratio_se = _mean_and_se(diff, tokens)
     return PerplexityNoise(n, math.exp(mu), se, math.exp(log_ratio), ratio_se)

@@ -17,8 +17,8 @@ stream cut into `max_seq_len` blocks; attention then spans example boundaries (t
 the masks on prompts are kept.
 
 Held-out split (no `--eval-data`): records whose stable hash (`lowrank_cli.data.sources.part_of`) falls in
-the held-out bucket (1 in 10: the "eval" and "test" parts) are held out; the built-in stdlib sources use their own "train" and "eval"
-parts. The split is by record/document, before any cutting, so no text is in both.
+the held-out bucket (1 in 10: the "eval" and "test" parts) are held out; the built-in stdlib sources use
+their own "train" and "eval" parts. The split is by record/document, before any cutting, so no text is in both.
 """
 
 from __future__ import annotations
@@ -381,8 +381,8 @@ def build_datasets(tokenizer, data: str | None, eval_data: str | None = None, *,
 
 
 def _split(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Records in the hash's held-out bucket ("eval" and "test": 1 in 10) are held out; a small set with none there gives its
-    lowest-hash record, so there is always something to measure when there are two or more records."""
+    """Records in the hash's held-out bucket ("eval" and "test": 1 in 10) are held out; a small set with none
+    there gives its lowest-hash record, so there is always something to measure when there are two or more records."""
     held = [r for r in records if part_of(_key(r)) in HELD_OUT]
     if not held and len(records) >= 2:
         import hashlib
