@@ -85,62 +85,6 @@ def test_factor_hessian_is_the_gram_of_the_factor_outputs():
     assert torch.allclose(factor_hessian(down, x.T @ x), direct, rtol=1e-12, atol=1e-9)
 
 
-def _naive_whitened_optimum(e, gram, rank):
-    """Reference: min ||(E - L R) X|| via the Cholesky whitening S (S S^T = G): truncated SVD of E S."""
-    s = torch.linalg.cholesky(gram)
-    u, sv, vh = torch.linalg.svd(e @ s)
-    return (u[:, :rank] * sv[:rank]) @ vh[:rank] @ torch.linalg.inv(s)
-
-
-def test_residual_factors_are_the_data_aware_optimum():
-    from lowrank_cli.methods.compress.correction import residual_factors
-
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(20, 16, generator=g, dtype=torch.float64)
-    q = w + 0.1 * torch.randn(20, 16, generator=g, dtype=torch.float64)
-    x = torch.randn(300, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
-    gram = x.T @ x
-    up, down = residual_factors(w, q, gram, 4)
-    ref = _naive_whitened_optimum(w - q, gram, 4)
-    assert torch.allclose(up @ down, ref, rtol=1e-7, atol=1e-9)
-
-    def err(correction):
-        d = (w - q - correction) @ x.T
-        return float((d * d).sum())
-
-    assert err(up @ down) < err(torch.zeros_like(w))
-    # any other rank-4 correction is no better (random competitors)
-    for _ in range(5):
-        other = torch.randn(20, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 16, generator=g,
-                                                                                     dtype=torch.float64)
-        assert err(up @ down) <= err(other * 0.01) + 1e-9
-
-
-def test_lora_adapter_loads_in_peft_with_the_exact_update(tiny_llama, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from lowrank_cli.io.lora_adapter import write_lora_adapter
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    g = torch.Generator().manual_seed(2)
-    factors = {}
-    for name, module in base.named_modules():
-        if name.endswith(("q_proj", "down_proj")):
-            m, n = module.weight.shape
-            r = 8 if name.endswith("q_proj") else 4  # two ranks: the second goes through rank_pattern
-            factors[name] = (0.05 * torch.randn(m, r, generator=g), 0.05 * torch.randn(r, n, generator=g))
-    write_lora_adapter(tmp_path / "adapter", factors)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    with torch.no_grad():
-        for name, (b, a) in factors.items():
-            reference.get_submodule(name).weight += b @ a
-    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    ids = torch.randint(0, 500, (1, 16))
-    with torch.no_grad():
-        assert torch.allclose(peft_model(ids).logits, reference(ids).logits, atol=1e-5)
-
-
 # -- the command ---------------------------------------------------------------------------------------------------
 def _compress(src, out, *extra):
     from typer.testing import CliRunner

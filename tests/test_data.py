@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from lowrank_cli.data.sources import PARTS, load_documents, part_of, stdlib_files, stdlib_root
+from lowrank_cli.data.sources import (
+    MIX_PIECE_CHARS,
+    PARTS,
+    load_documents,
+    part_of,
+    stdlib_files,
+    stdlib_root,
+)
 from lowrank_cli.data.windows import cut_windows, fingerprint, token_stream, windows_from_documents
 from lowrank_cli.errors import UsageError
 
@@ -154,7 +161,33 @@ def test_parts_of_a_file_source_are_disjoint(tmp_path):
     assert all(part_of(d) == p for p, ds in parts.items() for d in ds)
     assert all(parts[p] for p in PARTS)  # 200 documents: every part gets some
     with pytest.raises(ValueError):
-        load_documents(str(f), part="test")
+        load_documents(str(f), part="heldout")
+
+
+def _sha1_bucket(key: str) -> int:
+    import hashlib
+
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10
+
+
+def test_eval_and_test_split_the_held_out_bucket_only():
+    """Written against the documented rule: bucket = sha1 % 10; 0 is held out, 1 calib, 2..9 train (what the
+    demo model trained on): eval and test must both come from bucket 0, in two halves of it."""
+    keys = [f"key {i}" for i in range(4000)]
+    parts = {k: part_of(k) for k in keys}
+    for k, p in parts.items():
+        expected = {0: ("eval", "test"), 1: ("calib",)}.get(_sha1_bucket(k), ("train",))
+        assert p in expected, (k, p)
+    held = [parts[k] for k in keys if _sha1_bucket(k) == 0]
+    assert 0.4 < held.count("test") / len(held) < 0.6  # a fair coin inside the bucket
+    # the second hash is unrelated to the first: the split is not a function of sha1's value mod 20
+    by_mod20 = {}
+    for k in keys:
+        if _sha1_bucket(k) == 0:
+            import hashlib
+
+            by_mod20.setdefault(int(hashlib.sha1(k.encode()).hexdigest(), 16) % 20, set()).add(parts[k])
+    assert all(len(v) == 2 for v in by_mod20.values())
 
 
 def test_stdlib_parts_are_disjoint_and_cover_everything():
@@ -165,6 +198,7 @@ def test_stdlib_parts_are_disjoint_and_cover_everything():
     assert set().union(*sets.values()) == set(everything)
     assert sum(len(s) for s in sets.values()) == len(everything)  # pairwise disjoint
     assert len(sets["eval"]) < len(sets["train"]) and len(sets["calib"]) < len(sets["train"])
+    assert sets["eval"] and sets["test"]
     root = stdlib_root()
     assert all("site-packages" not in p.relative_to(root).parts for p in everything)
     assert all(part_of(p.relative_to(root).as_posix()) == "eval" for p in parts["eval"])
@@ -182,6 +216,42 @@ def test_stdlib_prose():
     parts = [load_documents("stdlib-prose", part=p) for p in PARTS]
     assert sum(len(p) for p in parts) == len(everything)
     assert not set(parts[0]) & set(parts[1])
+
+
+def test_stdlib_mix_pairs_code_with_prose_and_keeps_parts_apart():
+    pytest.importorskip("pydoc_data.topics")
+    mix = {p: load_documents("stdlib-mix", part=p) for p in ("eval", "test", "calib")}
+    assert all(mix.values())
+    from lowrank_cli.data.sources import _pieces
+
+    prose_pieces = {p: {x for d in load_documents("stdlib-prose", part=p) for x in _pieces(d, MIX_PIECE_CHARS)}
+                    for p in PARTS}
+    for part, docs in mix.items():
+        for doc in docs[:40]:  # two pieces of about MIX_PIECE_CHARS (a piece ends at a line end)
+            assert len(doc) <= 2 * MIX_PIECE_CHARS + 2 + 2 * max(len(line) for line in doc.splitlines(True))
+        # every prose piece comes from the allowed prose parts, never from a held-out part of another role
+        allowed = ["calib", "train"] if part == "calib" else [part]
+        forbidden = [p for p in ("eval", "test") if p not in allowed]
+        ok = set().union(*(prose_pieces[a] for a in allowed))
+        bad = set().union(*(prose_pieces[f] for f in forbidden)) - ok
+        for doc in docs:
+            assert any(doc.endswith("\n\n" + piece) for piece in ok)
+            assert not any(doc.endswith("\n\n" + piece) for piece in bad)
+    # code pieces: held-out code never feeds calibration (the head of each pair is code of its own part)
+    code = {p: {x for f in stdlib_files(p) for x in _pieces(f.read_text(encoding="utf-8", errors="replace"),
+                                                             MIX_PIECE_CHARS)} for p in ("eval", "test", "calib")}
+    held = (code["eval"] | code["test"]) - code["calib"]  # (some codec files are near copies of each other)
+    for doc in mix["calib"][:60]:
+        assert any(doc.startswith(c + "\n\n") for c in code["calib"])
+        assert not any(doc.startswith(c + "\n\n") for c in held)
+    # both kinds in a small sample: the first 16 documents of a shuffled order hold prose and code
+    import random
+
+    order = list(range(len(mix["calib"])))
+    random.Random(0).shuffle(order)
+    sample = [mix["calib"][i] for i in order[:16]]
+    assert sum(" the " in d for d in sample) >= 12  # English (a few prose pieces are tables or grammar)
+    assert sum(("def " in d or "import " in d or " = " in d) for d in sample) >= 12  # and code
 
 
 # --------------------------------------------------------------------------------------------- windows

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowrank_cli.data.sources import STDLIB, STDLIB_PROSE, load_documents
+from lowrank_cli.data.sources import STDLIB, is_builtin, load_documents
 from lowrank_cli.data.windows import windows_from_documents
 from lowrank_cli.errors import UsageError
 
@@ -26,52 +27,68 @@ def load_tokenizer(path: Path):
 
 
 def text_windows(tokenizer, spec: str | None, *, part: str, seq_len: int, max_tokens: int,
-                 seed: int, text_field: str = "text", same_source_as: str | None = "unset"):
+                 seed: int, text_field: str = "text", same_source_as: str | None | Sequence = "unset"):
     """[n, seq_len] windows from a data spec.
 
-    The stdlib sources always use the requested part of their disjoint split. A user's own source is
-    used whole, unless the same source also feeds the other role (calibration vs evaluation): then
-    its documents are split by the same stable hash, so the two never overlap.
+    The built-in sources (stdlib, stdlib-prose, stdlib-mix) always use the requested part of their
+    disjoint split. A user's own source is used whole, unless the same source also feeds another role
+    (`same_source_as`: the other role's spec, or a list of the other roles' specs): then its documents
+    are split by the same stable hash, so no document is in two roles.
     """
-    builtin = spec in (None, STDLIB, STDLIB_PROSE)
-    split = builtin or (same_source_as != "unset" and same_source_as == spec)
+    others = [same_source_as] if isinstance(same_source_as, str) or same_source_as is None else same_source_as
+    split = is_builtin(spec) or (same_source_as != "unset" and spec in others)
     docs = load_documents(spec, part=part if split else None, text_field=text_field)
     what = f"{part} data '{spec or STDLIB}'"
     return windows_from_documents(tokenizer, docs, seq_len=seq_len, max_tokens=max_tokens, seed=seed,
                                   what=what)
 
 
-def calibration_and_eval_windows(tokenizer, opts):
-    """(calibration, evaluation) windows of a solver run (decompose, quantize) from the options it shares:
-    calib, calib_samples, calib_seq_len, eval_data, eval_tokens, seed, text_field. The two never overlap."""
-    calib = text_windows(tokenizer, opts.calib, part="calib", seq_len=opts.calib_seq_len,
-                         max_tokens=opts.calib_samples * opts.calib_seq_len, seed=opts.seed,
-                         text_field=opts.text_field, same_source_as=opts.eval_data)
-    evalw = text_windows(tokenizer, opts.eval_data, part="eval", seq_len=opts.calib_seq_len,
-                         max_tokens=opts.eval_tokens, seed=opts.seed, text_field=opts.text_field,
-                         same_source_as=opts.calib)
-    return calib, evalw
-
-
 @dataclass
 class SolverWindows:
-    """The three disjoint parts of a solver's text: calibration (the solve), eval (what a search may look
-    at) and test (what is reported)."""
+    """The three disjoint token sets of a run that searches and reports: [n, seq] LongTensors each.
+
+    calib: what the solver fits to; eval: what a search may look at (budgets are checked on it);
+    test: what is reported as the result, never looked at while choosing."""
 
     calib: object
     eval: object
     test: object
 
 
-def solver_windows(tokenizer, opts) -> SolverWindows:
-    """Calibration, eval and test windows. Interim: test = the windows after eval's in the eval part."""
-    import dataclasses
+def _role_specs(opts) -> dict[str, str | None]:
+    # Test text defaults to the evaluation source (its "test" part): the reported number is then on the
+    # same kind of text the budget was checked on, yet on documents the search never saw.
+    test = getattr(opts, "test_data", None)
+    return {"calib": opts.calib, "eval": opts.eval_data, "test": opts.eval_data if test is None else test}
 
-    test_tokens = getattr(opts, "test_tokens", opts.eval_tokens)
-    wide = dataclasses.replace(opts, eval_tokens=opts.eval_tokens + test_tokens)
-    calib, both = calibration_and_eval_windows(tokenizer, wide)
-    n_eval = max(1, opts.eval_tokens // opts.calib_seq_len)
-    return SolverWindows(calib, both[:n_eval], both[n_eval:] if both.shape[0] > n_eval else both[:n_eval])
+
+def _windows_for(tokenizer, opts, role: str, specs: dict, max_tokens: int):
+    others = [spec for other, spec in specs.items() if other != role]
+    return text_windows(tokenizer, specs[role], part=role, seq_len=opts.calib_seq_len, max_tokens=max_tokens,
+                        seed=opts.seed, text_field=opts.text_field, same_source_as=others)
+
+
+def solver_windows(tokenizer, opts) -> SolverWindows:
+    """Calibration, eval and test windows of a run, from its options: calib, calib_samples, calib_seq_len,
+    eval_data, eval_tokens, text_field, seed, and (when the options have them) test_data (default: the
+    eval source) and test_tokens (default: eval_tokens). No document is in two of them: the built-in
+    sources use their calib/eval/test parts, and a source of the user's given for two roles is split."""
+    specs = _role_specs(opts)
+    test_tokens = getattr(opts, "test_tokens", None) or opts.eval_tokens
+    return SolverWindows(
+        calib=_windows_for(tokenizer, opts, "calib", specs, opts.calib_samples * opts.calib_seq_len),
+        eval=_windows_for(tokenizer, opts, "eval", specs, opts.eval_tokens),
+        test=_windows_for(tokenizer, opts, "test", specs, test_tokens),
+    )
+
+
+def calibration_and_eval_windows(tokenizer, opts):
+    """(calibration, evaluation) windows of a solver run (decompose, quantize) from the options it shares:
+    calib, calib_samples, calib_seq_len, eval_data, eval_tokens, seed, text_field. The two never overlap.
+    (No test windows: see `solver_windows` for runs that report on held-out test text.)"""
+    specs = {"calib": opts.calib, "eval": opts.eval_data}
+    return (_windows_for(tokenizer, opts, "calib", specs, opts.calib_samples * opts.calib_seq_len),
+            _windows_for(tokenizer, opts, "eval", specs, opts.eval_tokens))
 
 
 def check_device(device: str) -> str:

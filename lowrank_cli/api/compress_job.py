@@ -12,7 +12,7 @@ from lowrank_cli.api.common import Timer, load_tokenizer, solver_windows
 from lowrank_cli.api.compress_options import FRONTIER_JSON, FRONTIER_PNG, CompressOptions, CompressResult
 from lowrank_cli.errors import BudgetNotMet, UsageError
 from lowrank_cli.io.output import OutputDir
-from lowrank_cli.methods.compress.plan import DEFAULT_BITS, DEFAULT_KEEPS, Spec, candidate_specs, pareto
+from lowrank_cli.methods.compress.plan import DEFAULT_BITS, DEFAULT_KEEPS, Spec, candidate_specs
 
 __all__ = ["CompressJob", "parse_target_size"]
 
@@ -274,7 +274,7 @@ class CompressJob:
             config["dtype"] = "float16"
             config.pop("torch_dtype", None)
         if spec.family == "gptq-lr":
-            modifier.write_adapter(folder, self.ckpt.model_type)
+            modifier.write_adapter(folder)
         complete_folder(folder, self.ckpt, config)
 
     def _record(self, spec: Spec, folder: Path, nll: dict, seconds: float) -> dict:
@@ -343,11 +343,14 @@ class CompressJob:
             shutil.move(str(item), tmp / item.name)
         for other in tmp.glob(".candidate-*"):
             shutil.rmtree(other)
+        from lowrank_cli.utils.frontier_plot import pareto_indices
+
         rows = sorted((_public(r) for r in records), key=lambda r: r["bytes"])
         public = _public(chosen)
+        front = pareto_indices([{**r, "test_ppl": r["test_perplexity"]} for r in rows])
         doc = {"schema": "lowrank.frontier/v1", "model": self.model, "budget": self.budget,
                "baseline": self.baseline, "chosen": public["label"], "candidates": rows,
-               "pareto_test": [r["label"] for r in pareto(rows)],
+               "pareto_test": [rows[i]["label"] for i in front],
                "note": "the choice reads eval perplexity and bytes only; test perplexity is reported"}
         write_frontier(tmp / FRONTIER_JSON, tmp / FRONTIER_PNG, doc)
         write_manifest(tmp, command="compress", options=vars(self.opts),

@@ -1,13 +1,20 @@
 """Where text comes from: files, globs, folders, jsonl, parquet, datasets hub ids, or the stdlib.
 
 The default text is the running interpreter's own standard library source: real code that exists on every
-machine, offline. Documents are split into disjoint parts by a stable hash, so calibration, evaluation and
-the demo model's training text never overlap:
+machine, offline. Documents are split into disjoint parts by a stable hash, so calibration, evaluation,
+test and the demo model's training text never overlap:
 
-    bucket = sha1(key) % 10    0 -> "eval"    1 -> "calib"    2..9 -> "train"
+    bucket = sha1(key) % 10    0 -> held out    1 -> "calib"    2..9 -> "train"
+    held out: sha256("test:" + key) is even -> "eval", odd -> "test"
 
-For the stdlib the key is the file's path relative to the stdlib folder; for any other source it is the
-document's text. `part=None` takes every document.
+"eval" is what a search may look at (a perplexity budget is checked on it), "test" is what is reported as
+the result; the two halves of the held-out bucket are chosen by a second hash, unrelated to the first, so
+each is a fair sample of it. The demo model was trained on "train" (buckets 2..9), so neither eval nor test
+ever comes from there. For the stdlib the key is the file's path relative to the stdlib folder; for any
+other source it is the document's text. `part=None` takes every document.
+
+Sources: "stdlib" (code), "stdlib-prose" (its English documentation topics) and "stdlib-mix" (both, in
+pairs: see `_stdlib_mix`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,11 @@ from lowrank_cli.errors import UsageError
 __all__ = [
     "STDLIB",
     "STDLIB_PROSE",
+    "STDLIB_MIX",
+    "BUILTIN_SOURCES",
     "PARTS",
+    "HELD_OUT",
+    "is_builtin",
     "load_documents",
     "part_of",
     "stdlib_root",
@@ -33,15 +44,28 @@ __all__ = [
 
 STDLIB = "stdlib"  # the stdlib's .py files: code
 STDLIB_PROSE = "stdlib-prose"  # the stdlib's own documentation topics (pydoc_data): English prose
-PARTS = ("eval", "calib", "train")
+STDLIB_MIX = "stdlib-mix"  # code and prose pieces in pairs: calibration that serves both kinds of text
+BUILTIN_SOURCES = (STDLIB, STDLIB_PROSE, STDLIB_MIX)
+PARTS = ("eval", "test", "calib", "train")
+HELD_OUT = ("eval", "test")  # bucket 0: never trained on, never calibrated on
+# stdlib-mix pieces: short enough that one calibration window (512 tokens ~ 2,000 characters) holds both kinds.
+MIX_PIECE_CHARS = 1500
 _TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java"}
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "turtledemo"}
 
 
 def part_of(key: str) -> str:
-    """The part ("eval", "calib" or "train") a document with this key belongs to."""
-    bucket = int(hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest(), 16) % 10
-    return "eval" if bucket == 0 else "calib" if bucket == 1 else "train"
+    """The part ("eval", "test", "calib" or "train") a document with this key belongs to."""
+    raw = key.encode("utf-8", "surrogatepass")
+    bucket = int(hashlib.sha1(raw).hexdigest(), 16) % 10
+    if bucket == 0:  # held out; split in two by an unrelated hash (a salted sha256, not sha1's low digits)
+        return "test" if int(hashlib.sha256(b"test:" + raw).hexdigest(), 16) % 2 else "eval"
+    return "calib" if bucket == 1 else "train"
+
+
+def is_builtin(spec: str | None) -> bool:
+    """A built-in source (None means the stdlib): always read one part of its own disjoint split."""
+    return spec is None or spec in BUILTIN_SOURCES
 
 
 def stdlib_root() -> Path:
@@ -68,6 +92,41 @@ def _stdlib_prose(part: str | None) -> list[str]:
     except ImportError as exc:  # some distributions strip pydoc_data
         raise UsageError("this Python has no pydoc_data: 'stdlib-prose' is unavailable") from exc
     return [topics[k] for k in sorted(topics) if part is None or part_of("topic:" + k) == part]
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` cut at line ends into consecutive pieces of about `size` characters (a longer line stays whole)."""
+    pieces, current, length = [], [], 0
+    for line in text.splitlines(keepends=True):
+        if length and length + len(line) > size:
+            pieces.append("".join(current))
+            current, length = [], 0
+        current.append(line)
+        length += len(line)
+    if current:
+        pieces.append("".join(current))
+    return [p for p in pieces if p.strip()]
+
+
+def _stdlib_mix(part: str | None) -> list[str]:
+    """Documents that are each one piece of stdlib code followed by one piece of stdlib prose.
+
+    Windows are drawn from documents in a shuffled order, so a mix of whole documents would give a small
+    calibration sample (16 windows) one kind only; pairs of ~MIX_PIECE_CHARS pieces put both kinds in
+    every sample, about half and half. There is far less prose than code, so the prose sets the number of
+    pairs; code pieces are taken from across all files in a fixed shuffled order. For "calib" the prose
+    comes from the calib and train buckets together (the calib bucket alone holds only a few thousand
+    tokens of prose): calibration only has to stay disjoint from eval and test, and no model here was
+    trained on the prose.
+    """
+    import random
+
+    code = [p for f in stdlib_files(part) for p in _pieces(_read_text(f), MIX_PIECE_CHARS)]
+    prose_parts = [part] if part != "calib" else ["calib", "train"]
+    docs = [d for q in prose_parts for d in _stdlib_prose(q)] if part is not None else _stdlib_prose(None)
+    prose = [p for d in docs for p in _pieces(d, MIX_PIECE_CHARS)]
+    random.Random(0).shuffle(code)
+    return [c + "\n\n" + p for c, p in zip(code, prose, strict=False)]  # the prose sets the count
 
 
 def _read_text(path: Path) -> str:
@@ -140,10 +199,10 @@ def load_documents(spec: str | None, *, part: str | None = None, text_field: str
     """Documents from a data spec, optionally restricted to one part of the disjoint split.
 
     Args:
-        spec: None or "stdlib" (default code), "stdlib-prose", a file (.txt/.py/... read whole, .jsonl with
-            `text_field`, .parquet with column `text_field`), a glob, a folder (its text files), or a datasets
-            hub id (`name` or `name:split`).
-        part: "eval", "calib", "train" or None for every document.
+        spec: None or "stdlib" (default code), "stdlib-prose", "stdlib-mix", a file (.txt/.py/... read whole,
+            .jsonl with `text_field`, .parquet with column `text_field`), a glob, a folder (its text files), or a
+            datasets hub id (`name` or `name:split`).
+        part: "eval", "test", "calib", "train" or None for every document.
         text_field: the jsonl field / parquet column / dataset column that holds the text.
     """
     if part is not None and part not in PARTS:
@@ -152,6 +211,8 @@ def load_documents(spec: str | None, *, part: str | None = None, text_field: str
         return [_read_text(p) for p in stdlib_files(part)]
     if spec == STDLIB_PROSE:
         return _stdlib_prose(part)
+    if spec == STDLIB_MIX:
+        return _stdlib_mix(part)
     path = Path(spec).expanduser()
     if path.is_file():
         docs = _documents_from_file(path, text_field)

@@ -7,20 +7,26 @@ predicted), i.e. token-weighted over all windows, in float64.
 - `nll_full`: the whole model in memory (transformers' own forward).
 - `nll_streamed`: one decoder block in memory at a time (`lowrank_cli.engine.streamed`), for models larger
   than memory. Same numbers up to floating-point reassociation.
+
+Both can also return each window's own NLL sum (`per_window=True`), from which `lowrank_cli.eval.noise`
+estimates how much a perplexity measured on these windows would move on other windows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["NLL", "nll_full", "nll_streamed", "nll_of_logits", "next_token_loss"]
+__all__ = ["NLL", "nll_full", "nll_streamed", "nll_of_logits", "nll_rows_of_logits", "next_token_loss"]
 
 
 @dataclass
 class NLL:
     total: float  # summed negative log-likelihood, nats
     tokens: int  # predicted tokens
+    # Each window's summed NLL (nats), in window order, when asked for (per_window=True); each window
+    # predicts seq_len - 1 tokens.
+    per_window: list[float] | None = field(default=None, compare=False)
 
     @property
     def mean(self) -> float:
@@ -43,24 +49,55 @@ def nll_of_logits(logits, ids) -> float:
     return float(next_token_loss(logits, ids).double())
 
 
-def nll_full(model, windows, batch_size: int = 1, progress=None) -> NLL:
-    """NLL of an in-memory model over [n, seq] windows."""
+def nll_rows_of_logits(logits, ids) -> list[float]:
+    """Summed next-token NLL of each row (window) of one batch, as float64 Python floats."""
+    import torch.nn.functional as F
+
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+    return losses.view(ids.shape[0], -1).double().sum(dim=1).tolist()
+
+
+def nll_full(model, windows, batch_size: int = 1, progress=None, *, per_window: bool = False) -> NLL:
+    """NLL of an in-memory model over [n, seq] windows (each window's sum too with per_window=True)."""
     import torch
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    rows: list[float] = []
     with torch.no_grad():
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start:start + batch_size].to(device)
-            total += nll_of_logits(model(input_ids=ids, use_cache=False).logits, ids)
+            logits = model(input_ids=ids, use_cache=False).logits
+            if per_window:
+                sums = nll_rows_of_logits(logits, ids)
+                rows.extend(sums)
+                total += math.fsum(sums)
+            else:
+                total += nll_of_logits(logits, ids)
             count += ids[:, 1:].numel()
             if progress:
                 progress(min(start + batch_size, windows.shape[0]), windows.shape[0])
-    return NLL(total, count)
+    return NLL(total, count, rows if per_window else None)
 
 
-def nll_streamed(streamed, windows, batch_size: int = 1, progress=None) -> NLL:
-    """NLL of a `StreamedModel`, one block materialized at a time."""
+def _head_nll_per_window(streamed, acts, windows, batch_size: int) -> list[float]:
+    # The engine's head sums a whole batch; one window at a time through its public API gives the rows.
+    from lowrank_cli.engine.activations import Activations
+
+    rows = []
+    for b, hidden in enumerate(acts):
+        for i in range(hidden.shape[0]):
+            one = Activations()
+            one.append(hidden[i:i + 1])
+            w = b * batch_size + i
+            rows.append(streamed.head_nll(one, windows[w:w + 1], 1)[0])
+            one.release()
+    return rows
+
+
+def nll_streamed(streamed, windows, batch_size: int = 1, progress=None, *, per_window: bool = False) -> NLL:
+    """NLL of a `StreamedModel`, one block materialized at a time (each window's sum too with
+    per_window=True)."""
     acts = streamed.capture(windows, batch_size)
     for i in range(streamed.num_blocks):
         streamed.load_block(i)
@@ -70,6 +107,11 @@ def nll_streamed(streamed, windows, batch_size: int = 1, progress=None) -> NLL:
         acts = new
         if progress:
             progress(i + 1, streamed.num_blocks)
-    total, count = streamed.head_nll(acts, windows, batch_size)
+    if per_window:
+        rows = _head_nll_per_window(streamed, acts, windows, batch_size)
+        total, count = math.fsum(rows), int(windows[:, 1:].numel())
+    else:
+        rows = None
+        total, count = streamed.head_nll(acts, windows, batch_size)
     acts.release()
-    return NLL(total, count)
+    return NLL(total, count, rows)

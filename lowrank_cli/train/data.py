@@ -17,8 +17,8 @@ stream cut into `max_seq_len` blocks; attention then spans example boundaries (t
 the masks on prompts are kept.
 
 Held-out split (no `--eval-data`): records whose stable hash (`lowrank_cli.data.sources.part_of`) falls in
-the "eval" bucket (1 in 10) are held out; the built-in stdlib sources use their own "train" and "eval"
-parts. The split is by record/document, before any cutting, so no text is in both.
+the held-out bucket (1 in 10: the "eval" and "test" parts) are held out; the built-in stdlib sources use
+their own "train" and "eval" parts. The split is by record/document, before any cutting, so no text is in both.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank_cli.data.sources import STDLIB, STDLIB_PROSE, load_documents, part_of
+from lowrank_cli.data.sources import HELD_OUT, STDLIB, is_builtin, load_documents, part_of
 from lowrank_cli.errors import UsageError
 
 __all__ = ["TrainData", "build_datasets", "load_records", "tokenize_records", "pack", "collate_fn",
@@ -137,7 +137,7 @@ def _kind(where: str, record, text_field: str) -> str:
 
 def load_records(spec: str | None, *, text_field: str = "text", part: str | None = None) -> list[dict]:
     """Records {"kind": text|prompt_completion|chat, ...} from a data spec, optionally one hash part."""
-    builtin = spec in (None, STDLIB, STDLIB_PROSE)
+    builtin = is_builtin(spec)
     files = None if builtin else _record_files(spec)
     if files is None and not builtin:
         path = Path(spec).expanduser()
@@ -338,11 +338,11 @@ def build_datasets(tokenizer, data: str | None, eval_data: str | None = None, *,
     if max_seq_len < 2:
         raise UsageError(f"--max-seq-len must be at least 2, got {max_seq_len}")
     what = data or STDLIB
-    builtin = data in (None, STDLIB, STDLIB_PROSE)
+    builtin = is_builtin(data)
     if eval_data is not None:
         train_records = load_records(data, text_field=text_field, part="train" if builtin else None)
         eval_records = load_records(eval_data, text_field=text_field,
-                                    part="eval" if eval_data in (STDLIB, STDLIB_PROSE) else None)
+                                    part="eval" if is_builtin(eval_data) else None)
         eval_source = eval_data
     elif builtin:
         train_records = load_records(data, text_field=text_field, part="train")
@@ -381,9 +381,9 @@ def build_datasets(tokenizer, data: str | None, eval_data: str | None = None, *,
 
 
 def _split(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Records in the hash's "eval" bucket are held out; a small set with none there gives its
-    lowest-hash record, so there is always something to measure when there are two or more records."""
-    held = [r for r in records if part_of(_key(r)) == "eval"]
+    """Records in the hash's held-out bucket ("eval" and "test": 1 in 10) are held out; a small set with none
+    there gives its lowest-hash record, so there is always something to measure when there are two or more records."""
+    held = [r for r in records if part_of(_key(r)) in HELD_OUT]
     if not held and len(records) >= 2:
         import hashlib
 

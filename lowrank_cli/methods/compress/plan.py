@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["FAMILIES", "DEFAULT_FAMILIES", "Spec", "candidate_specs", "pareto"]
+__all__ = ["FAMILIES", "DEFAULT_FAMILIES", "Spec", "candidate_specs"]
 
 FAMILIES = ("gptq", "factorize-gptq", "gptq-lr", "factorize")
 # Factorization alone (16-bit) is larger than 8-bit GPTQ at every keep worth having; it is on the frontier
@@ -65,13 +65,3 @@ def candidate_specs(families, bits=DEFAULT_BITS, keeps=DEFAULT_KEEPS,
         else:
             raise ValueError(f"unknown family {family!r}")
     return specs
-
-
-def pareto(points: list[dict], x: str = "bytes", y: str = "test_perplexity") -> list[dict]:
-    """The points no other point beats on both x and y (smaller is better for both), by increasing x."""
-    front, best = [], float("inf")
-    for p in sorted(points, key=lambda p: (p[x], p[y])):
-        if p[y] < best:
-            front.append(p)
-            best = p[y]
-    return front
