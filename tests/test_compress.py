@@ -188,3 +188,21 @@ def test_heal_steps_add_measured_healed_candidates(tiny_llama, tmp_path):
     assert healed["eval_perplexity"] != plain["eval_perplexity"]  # measured, not copied
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["bits"] == 4  # a quantized candidate is requantized after healing
+
+
+def test_budget_below_the_measurement_noise_exits_2(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    result = _compress(tiny_llama, out, "--families", "gptq", "--bits", "2", "--target-ppl-increase", "0.0001%")
+    assert result.exit_code == 2, result.output
+    assert "eval tokens resolve (paired standard error" in json.loads(result.stdout)["error"]["message"]
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_candidates_report_paired_noise(compressed):
+    out, _ = compressed
+    rows = json.loads((out / "frontier.json").read_text())["candidates"]
+    for r in rows:
+        assert 0 <= r["eval_increase_se"] < 1 and 0 <= r["test_increase_se"] < 1
+    # coarser grids disturb more, so their increases are measured less precisely
+    se = {r["label"]: r["eval_increase_se"] for r in rows}
+    assert se["gptq-8bit"] < se["gptq-2bit"]

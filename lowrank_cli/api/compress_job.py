@@ -170,6 +170,7 @@ class CompressJob:
         out = OutputDir(self.opts.output, overwrite=self.opts.overwrite, inputs=[self.path])
         with out as tmp:
             records = self._candidates(tmp, specs)
+            self._check_resolution(records)
             chosen = self._choose(records)
             if self.opts.heal_steps:
                 chosen = self._heal(tmp, chosen, records)
@@ -199,6 +200,7 @@ class CompressJob:
         if curves:
             self.curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name]) for t in self.targets]
         log.info("baseline perplexity: eval %.4f, test %.4f", nll["eval"].perplexity, nll["test"].perplexity)
+        self.base_rows = {name: v.per_window for name, v in nll.items()}
         return {"eval": nll["eval"].perplexity, "test": nll["test"].perplexity, "bytes": self.input_bytes,
                 "eval_tokens": nll["eval"].tokens, "test_tokens": nll["test"].tokens,
                 "calib_tokens": int(self.windows.calib.numel())}
@@ -290,10 +292,15 @@ class CompressJob:
         parts = [folder, *(p for p in folder.iterdir() if p.is_dir())]
         size = sum(weight_file_bytes(p) for p in parts)
         tensor_bytes = Checkpoint(folder).total_bytes() + sum(_safetensors_bytes(p) for p in parts[1:])
+        from lowrank_cli.eval.noise import ppl_noise
+
         ev, te = nll["eval"].perplexity, nll["test"].perplexity
+        se = {name: ppl_noise(nll[name].per_window, self.opts.calib_seq_len - 1, self.base_rows[name]).ratio_relative_se
+              for name in ("eval", "test")}
         row.update(tensor_bytes=tensor_bytes, bytes=size, bits_per_weight=size * 8 / self.params,
                    eval_perplexity=ev, test_perplexity=te, eval_increase=ev / self.baseline["eval"] - 1,
-                   test_increase=te / self.baseline["test"] - 1, folder=str(folder))
+                   test_increase=te / self.baseline["test"] - 1, eval_increase_se=se["eval"],
+                   test_increase_se=se["test"], folder=str(folder))
         log.info("%-28s %8.2f MiB  eval %.4f (%+.2f%%)  test %.4f", row["label"], size / 2**20, ev,
                  row["eval_increase"] * 100, te)
         return row
@@ -304,6 +311,26 @@ class CompressJob:
             return row["bytes"] <= self.budget["limit_bytes"] and math.isfinite(row["eval_perplexity"])
         limit = self.baseline["eval"] * (1 + self.budget["value"])
         return math.isfinite(row["eval_perplexity"]) and row["eval_perplexity"] <= limit
+
+    def _check_resolution(self, records: list[dict]) -> None:
+        """A perplexity budget the eval text cannot resolve is bad input: the paired standard error of the
+        candidates' increases near the budget (all of them if none is near) must stay below half of it."""
+        import statistics
+
+        if self.budget["kind"] != "target_ppl_increase":
+            return
+        budget = self.budget["value"]
+        near = [r["eval_increase_se"] for r in records if budget / 3 <= r["eval_increase"] <= 3 * budget
+                and math.isfinite(r["eval_increase_se"])]
+        pool = near or [r["eval_increase_se"] for r in records if math.isfinite(r["eval_increase_se"])]
+        if not pool:
+            return
+        noise = statistics.median(pool)
+        self.budget["eval_noise"] = noise
+        if budget < 2 * noise:
+            raise UsageError(f"--target-ppl-increase {budget * 100:.3g}% is below what {self.baseline['eval_tokens']} "
+                             f"eval tokens resolve (paired standard error of an increase here: {noise * 100:.2g}%); "
+                             "raise --eval-tokens or the budget; nothing was written")
 
     def _choose(self, records: list[dict]) -> dict:
         """Decided on eval perplexity and bytes only: the test text never steers the choice."""

@@ -205,7 +205,7 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
             progress()
     nll = {}
     for cand in candidates:
-        nll[cand.name] = {name: NLL(*streamed.head_nll(acts, evalsets[name], batch_size))
+        nll[cand.name] = {name: _nll(streamed.head_nll_rows(acts, evalsets[name], batch_size), evalsets[name])
                           for name, acts in cand.evals.items()}
         for acts in [*cand.evals.values(), cand.calib]:
             if acts is not None:
@@ -215,6 +215,13 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
             acts.release()
     return PipelineOutcome(nll, {c.name: c.layers for c in candidates},
                            {c.name: round(c.seconds, 3) for c in candidates}, boundaries)
+
+
+def _nll(rows: list[float], windows) -> NLL:
+    """Totals and each window's sum (the noise of a comparison is computed from the rows)."""
+    import math
+
+    return NLL(math.fsum(rows), int(windows[:, 1:].numel()), rows)
 
 
 def _copy(acts: Activations | None) -> Activations | None:

@@ -18,6 +18,7 @@ forward with each block replaced by a recorder. No per-architecture forward code
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -306,17 +307,21 @@ class StreamedModel:
 
     def head_nll(self, acts: Activations, windows, batch_size: int = 1) -> tuple[float, int]:
         """Summed next-token NLL (float64) and the number of predicted tokens, from final hidden states."""
+        rows = self.head_nll_rows(acts, windows, batch_size)
+        return math.fsum(rows), int(windows[: len(rows), 1:].numel())
+
+    def head_nll_rows(self, acts: Activations, windows, batch_size: int = 1) -> list[float]:
+        """Each window's summed next-token NLL (float64), in window order, from final hidden states."""
         import torch
 
-        from lowrank_cli.eval.perplexity import nll_of_logits
+        from lowrank_cli.eval.perplexity import nll_rows_of_logits
 
-        total, count = 0.0, 0
+        rows: list[float] = []
         with torch.no_grad(), self._outer_loaded():
             for b, hidden in enumerate(acts):
                 ids = windows[b * batch_size:(b + 1) * batch_size].to(self.device)
-                total += nll_of_logits(self.head_logits(hidden, ids), ids)
-                count += ids[:, 1:].numel()
-        return total, count
+                rows.extend(nll_rows_of_logits(self.head_logits(hidden, ids), ids))
+        return rows
 
 
 _MALLOC_TRIM = None

@@ -80,21 +80,6 @@ def nll_full(model, windows, batch_size: int = 1, progress=None, *, per_window: 
     return NLL(total, count, rows if per_window else None)
 
 
-def _head_nll_per_window(streamed, acts, windows, batch_size: int) -> list[float]:
-    # The engine's head sums a whole batch; one window at a time through its public API gives the rows.
-    from lowrank_cli.engine.activations import Activations
-
-    rows = []
-    for b, hidden in enumerate(acts):
-        for i in range(hidden.shape[0]):
-            one = Activations()
-            one.append(hidden[i:i + 1])
-            w = b * batch_size + i
-            rows.append(streamed.head_nll(one, windows[w:w + 1], 1)[0])
-            one.release()
-    return rows
-
-
 def nll_streamed(streamed, windows, batch_size: int = 1, progress=None, *, per_window: bool = False) -> NLL:
     """NLL of a `StreamedModel`, one block materialized at a time (each window's sum too with
     per_window=True)."""
@@ -108,7 +93,7 @@ def nll_streamed(streamed, windows, batch_size: int = 1, progress=None, *, per_w
         if progress:
             progress(i + 1, streamed.num_blocks)
     if per_window:
-        rows = _head_nll_per_window(streamed, acts, windows, batch_size)
+        rows = streamed.head_nll_rows(acts, windows, batch_size)
         total, count = math.fsum(rows), int(windows[:, 1:].numel())
     else:
         rows = None
