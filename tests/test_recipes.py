@@ -1,26 +1,29 @@
-"""Recipes (`lowrank run`, `lowrank recipe`), schemas derived from the commands, precedence, `--config`."""
+"""Recipes (`lowrank run`, `lowrank recipe`), schemas generated from the options dataclasses, precedence,
+`--config`."""
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import json
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
 
 import pytest
 import typer
 import yaml
 from typer.testing import CliRunner
 
+from lowrank_cli.api.jobs import JOBS, Job
+from lowrank_cli.api.options.fields import option, parse_fraction
 from lowrank_cli.cli.app import app
-from lowrank_cli.recipes.config_option import ConfigGroup
+from lowrank_cli.cli.commands import job_command
+from lowrank_cli.cli.config_option import ConfigGroup
 from lowrank_cli.recipes.layers import resolve
 from lowrank_cli.recipes.recipe import RecipeInvalid, load_plan, plan_from_document, to_argv
-from lowrank_cli.recipes.schema import check_values, command_spec, command_specs
+from lowrank_cli.recipes.schema import check_values, command_specs
 from lowrank_cli.recipes.shipped import header_command, shipped
 
 runner = CliRunner()
@@ -47,7 +50,7 @@ def write_recipe(folder: Path, steps: list, name: str = "r.yaml", **top) -> Path
 
 
 # --------------------------------------------------------------------------------------------------------
-# schemas come from the registered commands
+# schemas come from the options dataclasses
 
 
 def test_decompose_schema_follows_its_flags():
@@ -55,7 +58,7 @@ def test_decompose_schema_follows_its_flags():
     opts = spec.options
     assert opts["model"].is_argument and opts["model"].required
     assert opts["output"].flags == ("--output", "-o")
-    assert opts["format"].param == "fmt"  # key from the flag, not the Python name
+    assert opts["seq_len"].param == "calib_seq_len"  # key from the flag, not the field's name
     assert opts["data"].aliases == ("eval_data",) and spec.key_for("eval_data") == "data"
     assert opts["sequential"].off_flag == "--no-sequential" and opts["sequential"].default is True
     assert opts["params_ratio"].base is float and opts["params_ratio"].default is None
@@ -78,8 +81,6 @@ def test_schema_is_strict():
 
 def _sample(opt):
     """A valid value for an option that differs from its default."""
-    if opt.choices:
-        return next(c for c in opt.choices if c != opt.default)
     if opt.base is bool:
         return not opt.default
     if opt.base is int:
@@ -101,48 +102,59 @@ def test_every_registered_command_round_trips_through_its_command_line(name):
     resolved, problems = check_values(spec, resolve(spec, values))
     assert problems == []
     argv = to_argv(spec, resolved)
-    ctx = spec.command.make_context(name, argv)
+    ctx = typer.main.get_command(app).commands[name].make_context(name, argv)
     for key, opt in spec.options.items():
         parsed = ctx.params[opt.param]
         parsed = [*parsed] if isinstance(parsed, tuple) else parsed
-        parsed = parsed.value if isinstance(parsed, enum.Enum) else parsed
         assert parsed == resolved[key], key
 
 
-class Color(str, enum.Enum):  # module level: Typer resolves the (postponed) annotations from here
-    red = "red"
-    blue = "blue"
+@dataclasses.dataclass
+class PaintOptions:  # a throwaway job: fields with and without metadata
+    output: str | None = option(None, flags=("--output", "-o"), help="Where.")
+    coats: int = option(2, min=1, help="Coats of paint.", panel="Paint")
+    share: float | None = option(None, text=True, parse=lambda text: parse_fraction(text, "--share"))
+    glossy: bool = option(True, negatable=True)
+    tag: list[str] | None = None
+    thinner_ml: int = 0
 
 
-def test_a_command_registered_later_gets_a_schema_and_config(tmp_path):
-    """Nothing is listed by hand: a new Typer command with choices, bounds and a list option is picked up,
-    and takes --config, as soon as it is registered."""
+def test_a_field_added_to_an_options_dataclass_is_a_flag_and_a_recipe_key(tmp_path, monkeypatch):
+    """Nothing is listed by hand: every field of a job's options (metadata or not) becomes a flag with its
+    help and panel, a recipe key with its type and bounds, and a --config key; the command builds the
+    options object (text parsed) and calls the job's function."""
     seen = {}
-    toy = typer.Typer(cls=ConfigGroup)
 
-    @toy.command("paint")
-    def paint(model: str,
-              color: Annotated[Color, typer.Option("--color")] = Color.red,
-              coats: Annotated[int, typer.Option("--coats", min=1)] = 2,
-              tag: Annotated[list[str] | None, typer.Option("--tag")] = None) -> None:
-        seen.update(model=model, color=color, coats=coats, tag=tag)
+    def paint(model, options, progress):
+        seen.update(model=model, options=options)
+        from lowrank_cli.result import Result
 
-    @toy.command("other")
-    def other() -> None:
-        pass
+        return Result()
 
-    group = typer.main.get_command(toy)
-    spec = command_spec("paint", group.commands["paint"])
-    assert spec.options["color"].choices == ("red", "blue")
+    monkeypatch.setitem(globals(), "paint_job_function", paint)
+    job = Job("paint", PaintOptions, f"{__name__}:paint_job_function")
+    monkeypatch.setitem(JOBS, "paint", job)
+
+    spec = command_specs()["paint"]
+    assert list(spec.options) == ["model", "output", "coats", "share", "glossy", "tag", "thinner_ml", "json"]
     assert spec.options["coats"].minimum == 1 and spec.options["tag"].is_list
-    _, problems = check_values(spec, resolve(spec, {"model": "m", "color": "green", "coats": 0}))
-    assert {p.where for p in problems} == {"color", "coats"}
+    assert spec.options["glossy"].off_flag == "--no-glossy" and spec.options["thinner_ml"].flags == ("--thinner-ml",)
+    _, problems = check_values(spec, resolve(spec, {"model": "m", "coats": 0, "thinner_ml": "lots"}))
+    assert {p.where for p in problems} == {"coats", "thinner_ml"}
+    plan = plan_from_document({"steps": [{"paint": {"model": "wall", "share": "5%", "thinner_ml": 3}}]}, "t")
+    assert plan.steps[0].shell() == "lowrank paint wall --share 5% --thinner-ml 3"
 
+    toy = typer.Typer(cls=ConfigGroup)
+    toy.command("paint")(job_command(job, "Paint a wall."))
+    toy.command("other")(lambda: None)
+    help_text = runner.invoke(toy, ["paint", "--help"], env={"COLUMNS": "200"}).stdout
+    assert all(f in help_text for f in ("--coats", "Coats of paint.", "Paint", "--no-glossy", "--thinner-ml",
+                                        "--tag", "--share", "--config", "--json"))
     config = tmp_path / "paint.yaml"
-    config.write_text("model: wall\ncolor: blue\ncoats: 3\ntag: [a, b]\n")
-    result = runner.invoke(toy, ["paint", "--config", str(config), "--coats", "5"])
+    config.write_text("model: wall\ncoats: 3\ntag: [a, b]\nshare: 5%\n")
+    result = runner.invoke(toy, ["paint", "--config", str(config), "--coats", "5", "--no-glossy", "--json"])
     assert result.exit_code == 0, result.output
-    assert seen == {"model": "wall", "color": Color.blue, "coats": 5, "tag": ["a", "b"]}
+    assert seen == {"model": "wall", "options": PaintOptions(coats=5, share=0.05, glossy=False, tag=["a", "b"])}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from lowrank_cli.recipes.schema import CommandSpec, Problem, canonical_keys, che
 from lowrank_cli.recipes.shipped import locate, shipped
 
 __all__ = ["Step", "Plan", "RecipeInvalid", "load_plan", "plan_from_document", "to_argv", "RUN_CONTROLLED",
-           "TOP_KEYS"]
+           "TOP_KEYS", "recipe_text"]
 
 TOP_KEYS = ("name", "description", "steps", "produced_by")
 # options a step may not set: `lowrank run` decides them for every step
@@ -42,11 +42,12 @@ RUN_CONTROLLED = {
 class RecipeInvalid(UsageError):
     """Every problem of a recipe (exit 2); the runner prints each on its own line."""
 
-    def __init__(self, source: str, problems: list[Problem]):
+    def __init__(self, source: str, problems: list[Problem], *, one_line: bool = False):
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"recipe {source}: {count}")
+        # a file that cannot be read at all is one problem, said in one line
+        super().__init__(f"recipe {source}: {problems[0]}" if one_line else f"recipe {source}: {count}")
         self.problems = problems
-        self.lines = [f"  {p}" for p in problems]
+        self.lines = [] if one_line else [f"  {p}" for p in problems]
         self.json_extra = {"errors": [{"where": p.where, "message": p.message} for p in problems]}
 
 
@@ -69,8 +70,12 @@ class Step:
     def argv(self, **runtime: Any) -> list[str]:
         return to_argv(self.spec, {**self.options, **runtime})
 
+    def command_line(self, **runtime: Any) -> list[str]:
+        """The `lowrank COMMAND ...` line that does what this step does (its manifest records it)."""
+        return ["lowrank", self.command, *self.argv(**runtime)]
+
     def shell(self, **runtime: Any) -> str:
-        return shlex.join(["lowrank", self.command, *self.argv(**runtime)])
+        return shlex.join(self.command_line(**runtime))
 
 
 @dataclass
@@ -127,15 +132,26 @@ def _read(source: str | Path) -> tuple[str, Any]:
         names = ", ".join(shipped()) or "none"
         raise RecipeInvalid(str(source), [Problem("", f"no such file, and no shipped recipe of that name "
                                                       f"(shipped: {names}; see `lowrank recipe ls`)")])
+    text = recipe_text(path)
     try:
-        return str(path), yaml.safe_load(path.read_text())
+        return str(path), yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         raise RecipeInvalid(str(path), [Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) \
             from None
+
+
+def recipe_text(path: Path) -> str:
+    """A recipe file's text; one line, exit 2, when it cannot be read or is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        raise RecipeInvalid(str(path), [Problem("", problem)], one_line=True) from None
     except OSError as exc:
-        raise RecipeInvalid(str(path), [Problem("", f"cannot read: {exc.strerror or exc}")]) from None
+        raise RecipeInvalid(str(path), [Problem("", f"cannot read: {exc.strerror or exc}")], one_line=True) \
+            from None
 
 
 def load_plan(source: str | Path, sets: list[str] = (), flags: list[str] = ()) -> Plan:
