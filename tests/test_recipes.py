@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -161,14 +160,11 @@ def test_a_field_added_to_an_options_dataclass_is_a_flag_and_a_recipe_key(tmp_pa
 # shipped recipes
 
 
-def test_the_shipped_recipes_are_there_and_packaged():
+def test_the_shipped_recipes_are_there():
+    """From a source checkout, the shipped recipes are the top-level recipes/ folder (the wheel's copy inside
+    the package: tests/test_packaging.py)."""
     assert {"starcoder-lord-1pct", "lord-gptq4-qlora", "trp-small", "demo"} <= set(SHIPPED)
-    # (tomllib is Python 3.11+; the project supports 3.10)
-    section = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")[1]
-    patterns = re.findall(r'"([^"]+)"', re.search(r'"lowrank_cli"\s*=\s*\[([^\]]*)\]', section).group(1))
-    folder = ROOT / "lowrank_cli"
-    packaged = {p for pattern in patterns for p in folder.glob(pattern)}
-    assert all(path in packaged for path in shipped().values())
+    assert all(path.parent == ROOT / "recipes" for path in shipped().values())
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -555,3 +551,72 @@ def test_run_and_recipe_have_help_with_examples():
     for args in (["run", "--help"], ["recipe", "validate", "--help"]):
         result = invoke(*args)
         assert result.exit_code == 0 and "Examples" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------------
+# files that are not UTF-8: one line, exit 2, the JSON error object under --json
+
+NOT_UTF8 = b"steps:\n  - eval: {model: demo, data: caf\xe9}\n"
+
+
+@pytest.mark.parametrize("args", [["run", "{}"], ["recipe", "validate", "{}"], ["recipe", "show", "{}"],
+                                  ["eval", "demo", "--config", "{}"]])
+def test_non_utf8_recipe_or_config_is_one_line_exit_2(args, tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(NOT_UTF8)
+    argv = [a.replace("{}", str(bad)) for a in args]
+    for json_mode in (False, True):
+        proc = subprocess.run([sys.executable, "-m", "lowrank_cli", *argv, *(["--json"] if json_mode else [])],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "not UTF-8 text (byte 0xe9 at offset" in lines[0], proc.stderr
+        if json_mode:
+            doc = json.loads(proc.stdout)
+            assert doc["status"] == "error" and doc["exit_code"] == 2 and "not UTF-8" in doc["error"]["message"]
+        else:
+            assert proc.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# recipes through the library: no sys.argv, no CLI state; the manifest records what the caller says
+
+
+def test_recipe_steps_run_through_the_library_not_the_cli(tiny_llama, tmp_path, monkeypatch):
+    """`execute` from Python: the host program's argv is neither read, changed nor recorded; each output's
+    lowrank.json records the step's own command line."""
+    from lowrank_cli.recipes.execute import execute
+
+    monkeypatch.chdir(tmp_path)
+    host_argv = ["host-program", "--host-secret"]
+    monkeypatch.setattr(sys, "argv", host_argv)
+    result = execute(load_plan(_tiny_recipe(tmp_path, tiny_llama)))
+    assert sys.argv is host_argv and sys.argv == ["host-program", "--host-secret"]
+    assert [s["status"] for s in result.steps] == ["ok", "ok"]
+    manifest = json.loads((tmp_path / "out" / "lord" / "lowrank.json").read_text())
+    assert manifest["argv"] == shlex.split(result.steps[0]["command_line"])
+    assert manifest["argv"][:3] == ["lowrank", "decompose", str(tiny_llama)]
+    assert result.steps[1]["result"]["model"] == "out/lord"
+
+
+def test_library_call_records_no_host_argv(tiny_llama, tmp_path, monkeypatch):
+    from lowrank_cli.api.decompose import DecomposeOptions, decompose
+    from lowrank_cli.io.manifest import recording_command_line
+
+    monkeypatch.setattr(sys, "argv", ["host-program", "--host-secret"])
+    options = dict(params_ratio=0.8, calib_samples=2, calib_seq_len=32, eval_tokens=128)
+    decompose(str(tiny_llama), DecomposeOptions(output=str(tmp_path / "a"), **options))
+    assert json.loads((tmp_path / "a" / "lowrank.json").read_text())["argv"] is None
+    with recording_command_line(["lowrank", "decompose", "x"]):
+        decompose(str(tiny_llama), DecomposeOptions(output=str(tmp_path / "b"), **options))
+    assert json.loads((tmp_path / "b" / "lowrank.json").read_text())["argv"] == ["lowrank", "decompose", "x"]
+
+
+def test_cli_records_its_own_argv(tiny_llama, tmp_path, monkeypatch):
+    argv = ["lowrank", "decompose", str(tiny_llama), "-o", str(tmp_path / "c"), "--params-ratio", "0.8",
+            "--calib-samples", "2", "--seq-len", "32", "--eval-tokens", "128"]
+    monkeypatch.setattr(sys, "argv", argv)
+    result = invoke(*argv[1:])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "c" / "lowrank.json").read_text())["argv"] == argv

@@ -41,6 +41,12 @@ class ConfigError(click_errors.UsageError):
         # a file that cannot be read at all is one problem, said in one line
         super().__init__(f"--config {path}: {problems[0]}" if one_line else f"--config {path}: {count}\n{lines}")
 
+    def show(self, file=None) -> None:
+        """As every other error of ours: `error: ...`, no usage block (the command line was fine)."""
+        import sys
+
+        (file or sys.stderr).write(f"error: {self.format_message()}\n")
+
 
 def _config_param():
     """A Typer-built `--config` option (built by Typer itself, so help and parsing match the others)."""
