@@ -386,6 +386,19 @@ def test_config_takes_a_single_step_recipe(tiny_llama, tmp_path):
     assert doc["windows"] == 3
 
 
+def test_run_takes_config_too(tmp_path, monkeypatch):
+    """`run` is hand-written (no options dataclass): its --config keys come from its own parameters."""
+    monkeypatch.chdir(tmp_path)
+    write_recipe(tmp_path, [{"eval": {"model": "demo", "seq_len": 32, "max_tokens": 64}}])
+    (tmp_path / "c.yaml").write_text("recipe: r.yaml\ndry_run: true\nset: [eval.max_tokens=96]\n")
+    result = invoke("run", "--config", tmp_path / "c.yaml")
+    assert result.exit_code == 0, result.stderr
+    assert "plan lowrank eval demo --seq-len 32 --max-tokens 96" in result.stderr
+    (tmp_path / "c.yaml").write_text("recipe: r.yaml\ndry_rn: true\n")
+    result = invoke("run", "--config", tmp_path / "c.yaml")
+    assert result.exit_code == 2 and "did you mean 'dry_run'" in result.stderr
+
+
 def test_every_command_takes_config():
     for name in [*command_specs(), "run"]:
         result = invoke(name, "--help")

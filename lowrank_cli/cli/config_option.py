@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_errors
     from click.core import ParameterSource
 
-from lowrank_cli.api.options.fields import OptionSpec
+from lowrank_cli.api.options.fields import OptionSpec, unwrap_annotation
 from lowrank_cli.cli.commands import SPECS_ATTRIBUTE
 from lowrank_cli.recipes.schema import CommandSpec
 
@@ -94,9 +94,6 @@ def _read_mapping(path: str, command_name: str) -> dict:
     return doc
 
 
-_CLICK_TYPES = {"integer": int, "float": float, "boolean": bool}
-
-
 def _click_specs(command) -> list[OptionSpec]:
     """The keys of a hand-written command (`run`), from its click parameters."""
     specs = []
@@ -106,12 +103,12 @@ def _click_specs(command) -> list[OptionSpec]:
         is_argument = param.param_type_name == "argument"
         longs = [f[2:].replace("-", "_") for f in param.opts if f.startswith("--")]
         default = param.default() if callable(param.default) else param.default
-        is_list = param.multiple or param.nargs == -1
+        base, is_list = unwrap_annotation(getattr(param.type_descriptor, "annotation", str))  # Typer's own
         specs.append(OptionSpec(
             key=param.name if is_argument or not longs else longs[0], param=param.name, is_argument=is_argument,
             flags=() if is_argument else tuple(param.opts), off_flag=next(iter(param.secondary_opts), None),
-            base=_CLICK_TYPES.get(param.type.name, str), is_list=is_list, required=bool(param.required),
-            default=list(default) if is_list and isinstance(default, tuple) else default, aliases=tuple(longs[1:])))
+            base=base, is_list=is_list, required=bool(param.required), aliases=tuple(longs[1:]),
+            default=list(default) if is_list and isinstance(default, tuple) else default))
     return specs
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 from lowrank_cli.errors import UsageError
 
-__all__ = ["option", "OptionSpec", "option_specs", "argument_spec", "parse_fraction", "parse_patterns",
-           "MODEL_PANEL", "DATA_PANEL", "OUTPUT_PANEL", "RUNTIME_PANEL", "TRAIN_PANEL", "CHECKPOINT_PANEL"]
+__all__ = ["option", "OptionSpec", "option_specs", "argument_spec", "unwrap_annotation", "parse_fraction",
+           "parse_patterns", "MODEL_PANEL", "DATA_PANEL", "OUTPUT_PANEL", "RUNTIME_PANEL", "TRAIN_PANEL", "CHECKPOINT_PANEL"]
 
 META = "lowrank"
 MODEL_PANEL, DATA_PANEL, OUTPUT_PANEL, RUNTIME_PANEL = "Model", "Data", "Output", "Runtime"
@@ -96,7 +96,7 @@ class OptionSpec:
         return self.parse(given) if self.parse is not None and given is not None else given
 
 
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
+def unwrap_annotation(annotation: Any) -> tuple[Any, bool]:
     """X | None / list[X] -> (X, is_list)."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -111,7 +111,7 @@ def _field_spec(field: dataclasses.Field, annotation: Any) -> OptionSpec:
     meta = field.metadata.get(META) or _Meta()
     flags = meta.flags or (f"--{field.name.replace('_', '-')}",)
     longs = [f[2:].replace("-", "_") for f in flags if f.startswith("--")]
-    base, is_list = (str, False) if meta.text else _unwrap(annotation)
+    base, is_list = (str, False) if meta.text else unwrap_annotation(annotation)
     default = field.default if field.default is not MISSING else (
         field.default_factory() if field.default_factory is not MISSING else None)
     show = meta.show_default if meta.show_default is not None else default is not None
