@@ -25,7 +25,8 @@ from typing import Any
 from lowrank_cli.errors import UsageError
 
 __all__ = ["option", "OptionSpec", "option_specs", "argument_spec", "unwrap_annotation", "parse_fraction",
-           "parse_patterns", "MODEL_PANEL", "DATA_PANEL", "OUTPUT_PANEL", "RUNTIME_PANEL", "TRAIN_PANEL", "CHECKPOINT_PANEL"]
+           "parse_patterns", "MODEL_PANEL", "DATA_PANEL", "OUTPUT_PANEL", "RUNTIME_PANEL", "TRAIN_PANEL",
+           "CHECKPOINT_PANEL"]
 
 META = "lowrank"
 MODEL_PANEL, DATA_PANEL, OUTPUT_PANEL, RUNTIME_PANEL = "Model", "Data", "Output", "Runtime"
