@@ -112,7 +112,7 @@ def test_every_registered_command_round_trips_through_its_command_line(name):
 class PaintOptions:  # a throwaway job: fields with and without metadata
     output: str | None = option(None, flags=("--output", "-o"), help="Where.")
     coats: int = option(2, min=1, help="Coats of paint.", panel="Paint")
-    share: float | None = option(None, text=True, parse=lambda text: parse_fraction(text, "--share"))
+    share: float | None = option(None, parse=lambda text: parse_fraction(text, "--share"))
     glossy: bool = option(True, negatable=True)
     tag: list[str] | None = None
     thinner_ml: int = 0

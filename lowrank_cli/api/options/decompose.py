@@ -31,7 +31,7 @@ class DecomposeOptions:
     output: str | None = common.output()
     # a fraction, 0.01 = 1%; the default budget when none is given
     target_ppl_increase: float | None = option(
-        None, text=True, parse=functools.partial(parse_fraction, flag="--target-ppl-increase"), panel=BUDGET,
+        None, parse=functools.partial(parse_fraction, flag="--target-ppl-increase"), panel=BUDGET,
         help="Largest allowed perplexity increase on held-out text, e.g. 1% or 0.01. Searches for the smallest "
         "model that meets it.")
     params_ratio: float | None = option(None, panel=BUDGET, help="Fraction of the targeted layers' parameters "
@@ -41,7 +41,7 @@ class DecomposeOptions:
                          "on calibration text; svd: weights only.")
     # module-name patterns; None = every linear in the decoder blocks
     targets: list[str] | None = option(
-        None, text=True, parse=parse_patterns, panel=METHOD, help="Comma-separated module-name patterns "
+        None, parse=parse_patterns, panel=METHOD, help="Comma-separated module-name patterns "
         "(globs; a bare name like c_fc matches it in every block). Default: every linear layer inside the "
         "decoder blocks.")
     allocation: str = option("fisher", panel=METHOD, help="fisher: ranks where the loss cares least (one "

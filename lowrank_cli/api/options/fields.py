@@ -9,7 +9,7 @@ flag and a recipe key at once. A field without metadata still is one: `--field-n
 
 Keys are the first long flag with underscores (`--seq-len` -> `seq_len`, whatever the field is called);
 further long flags are aliases. A field whose command-line form is text parsed into another type (a
-percentage, a comma-separated list) names the text type with `text=True` and the conversion with `parse`.
+percentage, a comma-separated list) names the conversion with `parse`: its flag and recipe key take text.
 Nothing here imports torch, Typer or pydantic.
 """
 
@@ -43,22 +43,21 @@ class _Meta:
     minimum: float | None = None
     maximum: float | None = None
     required: bool = False
-    text: bool = False
     parse: Callable[[Any], Any] | None = None
 
 
 def option(default: Any = MISSING, *, help: str = "", flags: tuple[str, ...] = (), negatable: bool = False,
            panel: str | None = None, show_default: bool | None = None, min: float | None = None,
-           max: float | None = None, required: bool = False, text: bool = False,
-           parse: Callable[[Any], Any] | None = None) -> Any:
+           max: float | None = None, required: bool = False, parse: Callable[[Any], Any] | None = None) -> Any:
     """A dataclass field with its command-line form.
 
     flags: ("--output", "-o"); default `--field-name`. negatable: a switch with a `--no-x` form.
     show_default: None shows it unless it is None. required: the command line and recipes insist on it
-    (the library checks it in `validate()`). text + parse: the flag takes text, `parse(text)` is the value.
+    (the library checks it in `validate()`). parse: the flag takes text and `parse(text)` is the field's value
+    (the library's callers pass the value itself).
     """
     meta = _Meta(help=help, flags=tuple(flags), negatable=negatable, panel=panel, show_default=show_default,
-                 minimum=min, maximum=max, required=required, text=text, parse=parse)
+                 minimum=min, maximum=max, required=required, parse=parse)
     return dataclasses.field(default=default, metadata={META: meta})
 
 
@@ -112,7 +111,7 @@ def _field_spec(field: dataclasses.Field, annotation: Any) -> OptionSpec:
     meta = field.metadata.get(META) or _Meta()
     flags = meta.flags or (f"--{field.name.replace('_', '-')}",)
     longs = [f[2:].replace("-", "_") for f in flags if f.startswith("--")]
-    base, is_list = (str, False) if meta.text else unwrap_annotation(annotation)
+    base, is_list = (str, False) if meta.parse is not None else unwrap_annotation(annotation)
     default = field.default if field.default is not MISSING else (
         field.default_factory() if field.default_factory is not MISSING else None)
     show = meta.show_default if meta.show_default is not None else default is not None

@@ -36,7 +36,7 @@ class FinetuneOptions:
     rslora: bool = option(False, panel=METHOD, help="Rank-stabilized scaling alpha/sqrt(rank).")
     # patterns; None = every linear in the decoder blocks
     targets: list[str] | None = option(
-        None, text=True, parse=parse_patterns, panel=METHOD, help="Comma-separated module-name patterns (globs; "
+        None, parse=parse_patterns, panel=METHOD, help="Comma-separated module-name patterns (globs; "
         "a bare name like q_proj matches it in every block). Default: every linear layer inside the decoder "
         "blocks (not lm_head). In a factorized model a layer's two factors are both adapted.")
     bone_variant: str = option("bat", panel=METHOD, help="bat: the 2024 paper's Block Affine W_ij T + T; miss: "

@@ -28,7 +28,7 @@ class TRPOptions:
     final_energy: float = option(0.9, panel=TRP, help="Energy kept by the final factorization, in (0, 1].")
     # module-name patterns; None = every linear in the decoder blocks
     targets: list[str] | None = option(
-        None, text=True, parse=parse_patterns, panel=TRP, help="Comma-separated module-name patterns (globs; a "
+        None, parse=parse_patterns, panel=TRP, help="Comma-separated module-name patterns (globs; a "
         "bare name like c_fc matches it in every block). Default: every linear layer inside the decoder blocks.")
     freeze_non_targets: bool = option(False, panel=TRP, help="Train only the targeted layers (default: every "
                                       "parameter, as the paper does).")
