@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 
-from lowrank_cli.api.options.evaluate import EnvOptions
+from lowrank_cli.api.options.env import EnvOptions
 from lowrank_cli.io.manifest import versions
 from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress

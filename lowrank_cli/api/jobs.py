@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowrank_cli.api.options.decompose import DecomposeOptions
-from lowrank_cli.api.options.evaluate import EnvOptions, EvalOptions
+from lowrank_cli.api.options.env import EnvOptions
+from lowrank_cli.api.options.evaluate import EvalOptions
 from lowrank_cli.api.options.fields import OUTPUT_PANEL, OptionSpec, argument_spec, option_specs
 from lowrank_cli.api.options.finetune import FinetuneOptions
 from lowrank_cli.api.options.merge import MergeOptions

@@ -1,4 +1,4 @@
-"""`EvalOptions` (`lowrank eval`) and `EnvOptions` (`lowrank env`, which has none)."""
+"""`EvalOptions`: every knob of an eval run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from lowrank_cli.api.options import common
 from lowrank_cli.api.options.fields import DATA_PANEL, RUNTIME_PANEL, option
 
-__all__ = ["EvalOptions", "EnvOptions"]
+__all__ = ["EvalOptions"]
 
 
 @dataclass
@@ -27,7 +27,3 @@ class EvalOptions:
     dtype: str = common.dtype()
     seed: int = common.seed()
 
-
-@dataclass
-class EnvOptions:
-    """`lowrank env` takes no options."""
