@@ -31,7 +31,7 @@ __all__ = ["Job", "JOBS", "MODEL_HELP", "JSON_SPEC"]
 MODEL_HELP = "A local HF checkpoint folder, a hub id (e.g. bigcode/starcoder), or 'demo' (the bundled model)."
 # a command-line switch of every command, not an option of any job: `lowrank run --json` sets it for steps
 JSON_SPEC = OptionSpec(key="json", param="json_out", flags=("--json",), off_flag=None, base=bool, is_list=False,
-                       default=False, required=False, panel=OUTPUT_PANEL, is_field=False,
+                       default=False, required=False, panel=OUTPUT_PANEL,
                        help="Print exactly one JSON object on stdout (errors too); no progress bars.")
 
 

@@ -114,4 +114,3 @@ class DecomposeOptions:
         parse_size(self.max_shard_size)  # a bad size fails now, not after the compression work
         if not self.dry_run and not self.output:
             raise UsageError("an output folder is required: -o/--output OUT")
-

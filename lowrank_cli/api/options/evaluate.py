@@ -26,4 +26,3 @@ class EvalOptions:
     device: str = common.device()
     dtype: str = common.dtype()
     seed: int = common.seed()
-

@@ -63,7 +63,7 @@ def option(default: Any = MISSING, *, help: str = "", flags: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class OptionSpec:
-    """One key of a command: a field of its options, or its MODEL argument, or a CLI-only switch."""
+    """One key of a command: a field of its options, its MODEL argument, or --json."""
 
     key: str  # recipe/config key
     param: str  # the Python name (the field, or the command function's parameter)
@@ -81,7 +81,6 @@ class OptionSpec:
     maximum: float | None = None
     aliases: tuple[str, ...] = ()
     parse: Callable[[Any], Any] | None = None
-    is_field: bool = True  # False: not passed to the options dataclass (MODEL, --json)
 
     @property
     def is_flag(self) -> bool:
@@ -131,7 +130,7 @@ def option_specs(options_class: type) -> list[OptionSpec]:
 def argument_spec(name: str, help: str) -> OptionSpec:
     """A required positional argument (MODEL)."""
     return OptionSpec(key=name, param=name, flags=(), off_flag=None, base=str, is_list=False, default=None,
-                      required=True, is_argument=True, help=help, show_default=False, is_field=False)
+                      required=True, is_argument=True, help=help, show_default=False)
 
 
 # -- conversions from command-line text ----------------------------------------------------------------

@@ -127,4 +127,3 @@ class FinetuneOptions:
                 "data", "eval_data", "text_field", "max_seq_len", "packing", "max_eval_examples",
                 "load_in_4bit", "dtype")
         return {"model": model_fingerprint, "options": {k: getattr(self, k) for k in keep}}
-

@@ -44,4 +44,3 @@ class MergeOptions:
         from lowrank_cli.io.writer import parse_size
 
         parse_size(self.max_shard_size)
-

@@ -74,4 +74,3 @@ class QuantizeOptions:
         parse_size(self.max_shard_size)
         if not self.output:
             raise UsageError("an output folder is required: -o/--output OUT")
-

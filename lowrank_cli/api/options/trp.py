@@ -106,4 +106,3 @@ class TRPOptions:
         keep = ("period", "energy", "nuclear_weight", "targets", "freeze_non_targets", "svd", "data",
                 "eval_data", "text_field", "max_seq_len", "max_eval_examples")
         return {"model": model_fingerprint, "method": "trp", "options": {k: getattr(self, k) for k in keep}}
-
