@@ -108,6 +108,20 @@ def test_every_registered_command_round_trips_through_its_command_line(name):
         assert parsed == resolved[key], key
 
 
+@pytest.mark.parametrize("name", sorted(JOBS))
+def test_every_job_is_a_library_function_of_its_options(name):
+    """`JOBS[name].run(model, options)` calls `lowrank_cli.api.<module>.<function>(model, options, progress)`
+    (env: without a model), and its options' defaults build without arguments."""
+    import importlib
+    import inspect
+
+    job = JOBS[name]
+    module, function = job.function.split(":")
+    params = list(inspect.signature(getattr(importlib.import_module(module), function)).parameters)
+    assert params[:3] == (["model", "opts", "progress"] if job.takes_model else ["opts", "progress"])
+    assert dataclasses.is_dataclass(job.make_options({}))
+
+
 @dataclasses.dataclass
 class PaintOptions:  # a throwaway job: fields with and without metadata
     output: str | None = option(None, flags=("--output", "-o"), help="Where.")
