@@ -145,8 +145,8 @@ def worker(spec: dict) -> dict:
     import transformers  # noqa: F401
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    import lowrank_cli.engine.streamed as streamed_mod
     import lowrank_cli.engine.sequential  # noqa: F401
+    import lowrank_cli.engine.streamed as streamed_mod
     import lowrank_cli.methods.decompose.sensitivity  # noqa: F401
     import lowrank_cli.modeling.export  # noqa: F401
     from lowrank_cli.api.decompose import DecomposeOptions, decompose

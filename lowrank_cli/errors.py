@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["LowrankError", "UsageError", "BudgetNotMet", "RuntimeFailure", "EXIT_OK"]
+__all__ = ["LowrankError", "UsageError", "BudgetNotMet", "RuntimeFailure", "EXIT_OK", "summarize"]
 
 EXIT_OK = 0
 
@@ -36,3 +36,14 @@ class BudgetNotMet(LowrankError):
 
     exit_code = 3
     kind = "budget"
+
+
+def summarize(exc: BaseException) -> tuple[str, str, int, str | None]:
+    """(kind, first line of the message, exit code, hint) of a failure: a LowrankError's own, anything else
+    a runtime failure (exit 1)."""
+    if isinstance(exc, LowrankError):
+        kind, message, code, hint = exc.kind, exc.message, exc.exit_code, exc.hint
+    else:
+        kind, message, code, hint = "runtime", f"{type(exc).__name__}: {exc}", 1, None
+    text = message.strip()
+    return kind, text.splitlines()[0] if text else kind, code, hint

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from lowrank_cli.api.common import check_device, with_overrides
 from lowrank_cli.api.compress_job import CompressJob
-from lowrank_cli.api.compress_options import FRONTIER_JSON, FRONTIER_PNG, CompressOptions, CompressResult
+from lowrank_cli.api.compress_result import FRONTIER_JSON, FRONTIER_PNG, CompressResult
+from lowrank_cli.api.options.compress import CompressOptions
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import check_output_target

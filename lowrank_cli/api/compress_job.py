@@ -9,7 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from lowrank_cli.api.common import Timer, load_tokenizer, solver_windows
-from lowrank_cli.api.compress_options import FRONTIER_JSON, FRONTIER_PNG, CompressOptions, CompressResult
+from lowrank_cli.api.compress_result import FRONTIER_JSON, FRONTIER_PNG, CompressResult
+from lowrank_cli.api.options.compress import CompressOptions
 from lowrank_cli.errors import BudgetNotMet, UsageError
 from lowrank_cli.io.output import OutputDir
 from lowrank_cli.methods.compress.plan import DEFAULT_BITS, DEFAULT_KEEPS, Spec, candidate_specs

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lowrank_cli.api.common import Timer, check_device, load_tokenizer, solver_windows, with_overrides
+from lowrank_cli.api.options.decompose import ALLOCATIONS, FORMATS, METHODS, DecomposeOptions
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
@@ -23,82 +24,6 @@ from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
 
 __all__ = ["DecomposeOptions", "DecomposeResult", "decompose", "METHODS", "ALLOCATIONS", "FORMATS"]
-
-METHODS = ("lord", "svd")
-ALLOCATIONS = ("fisher", "error", "uniform")
-FORMATS = ("factorized", "dense")
-
-
-@dataclass
-class DecomposeOptions:
-    """Every knob of a decompose run; defaults are the recommended setting."""
-
-    output: str | None = None
-    method: str = "lord"  # lord: data-aware optimum of ||(W - W')X||; svd: weights only
-    target_ppl_increase: float | None = None  # fraction, 0.01 = 1%; the default budget when none is given
-    params_ratio: float | None = None  # fraction of the targeted layers' parameters kept
-    rank: int | None = None  # one rank for every targeted layer
-    targets: list[str] | None = None  # module-name patterns; None = every linear in the decoder blocks
-    allocation: str = "fisher"  # how ranks are spread across layers
-    rank_multiple: int = 8  # ranks rounded to this (tensor-core and kernel friendly)
-    calib: str | None = None  # calibration text; default: the stdlib's "calib" part
-    calib_samples: int = 16
-    calib_seq_len: int = 512
-    eval_data: str | None = None  # evaluation text; default: the stdlib's "eval" part
-    eval_tokens: int = 4096
-    text_field: str = "text"
-    sequential: bool = True
-    damp: float = 0.01  # relative Gram damping (fraction of the mean diagonal)
-    search_steps: int = 6  # full evaluations the perplexity search may spend
-    format: str = "factorized"
-    max_shard_size: str = "2GB"
-    device: str = "cpu"
-    dtype: str = "auto"
-    batch_size: int = 1
-    offload_dir: str | None = None
-    overwrite: bool = False
-    dry_run: bool = False
-    seed: int = 0
-    test_data: str | None = None  # reported-only text; default: the stdlib's "test" part (never searched on)
-    test_tokens: int = 4096
-
-    def budget_kind(self) -> str:
-        given = [k for k in ("target_ppl_increase", "params_ratio", "rank") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise UsageError("give only one budget: --target-ppl-increase, --params-ratio or --rank "
-                             f"(got {', '.join('--' + g.replace('_', '-') for g in given)})")
-        return given[0] if given else "target_ppl_increase"
-
-    def validate(self) -> None:
-        kind = self.budget_kind()
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method '{self.method}' (choose {', '.join(METHODS)})")
-        if self.allocation not in ALLOCATIONS:
-            raise UsageError(f"unknown --allocation '{self.allocation}' (choose {', '.join(ALLOCATIONS)})")
-        if self.format not in FORMATS:
-            raise UsageError(f"unknown --format '{self.format}' (choose {', '.join(FORMATS)})")
-        if kind == "target_ppl_increase" and self.target_ppl_increase is not None and not (
-                0 <= self.target_ppl_increase < 1):
-            raise UsageError(f"--target-ppl-increase must be in [0%, 100%), got "
-                             f"{self.target_ppl_increase:.4g} ({self.target_ppl_increase * 100:.4g}%)")
-        if kind == "params_ratio" and not (0 < self.params_ratio <= 1):
-            raise UsageError(f"--params-ratio must be in (0, 1], got {self.params_ratio}")
-        if kind == "rank" and self.rank < 1:
-            raise UsageError(f"--rank must be at least 1, got {self.rank}")
-        if self.rank_multiple < 1:
-            raise UsageError("--rank-multiple must be at least 1")
-        for name in ("calib_samples", "eval_tokens", "test_tokens", "search_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.calib_seq_len < 2:
-            raise UsageError(f"--seq-len must be at least 2, got {self.calib_seq_len}")
-        if self.damp < 0:
-            raise UsageError("--damp must be >= 0")
-        from lowrank_cli.io.writer import parse_size
-
-        parse_size(self.max_shard_size)  # a bad size fails now, not after the compression work
-        if not self.dry_run and not self.output:
-            raise UsageError("an output folder is required: -o/--output OUT")
 
 
 @dataclass

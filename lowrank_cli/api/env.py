@@ -5,8 +5,10 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 
+from lowrank_cli.api.options.env import EnvOptions
 from lowrank_cli.io.manifest import versions
 from lowrank_cli.result import Result
+from lowrank_cli.utils.progress import Progress
 
 __all__ = ["EnvResult", "environment"]
 
@@ -28,7 +30,8 @@ class EnvResult(Result):
         return rows
 
 
-def environment() -> EnvResult:
+def environment(opts: EnvOptions | None = None, progress: Progress | None = None) -> EnvResult:
+    """Versions and devices (`opts` and `progress` exist for the job interface; env has no options)."""
     import os
 
     import torch

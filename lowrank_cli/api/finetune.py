@@ -22,112 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lowrank_cli.api.common import check_device, load_tokenizer, with_overrides
+from lowrank_cli.api.options.finetune import FinetuneOptions
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
 from lowrank_cli.io.resolve import resolve_model
-from lowrank_cli.methods.finetune.spec import METHODS, AdapterSpec
 from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
 
 __all__ = ["FinetuneOptions", "FinetuneResult", "finetune", "default_checkpoint_dir"]
 
 log = logging.getLogger("lowrank")
-
-BONE_VARIANTS = ("bat", "miss")
-LORA_PRO_MODES = ("efficient", "full")
-
-
-@dataclass
-class FinetuneOptions:
-    """Every knob of a finetune run; defaults are a sensible LoRA setting."""
-
-    output: str | None = None
-    method: str = "lora"
-    data: str | None = None  # default: the stdlib's "train" part (held-out: its "eval" part)
-    eval_data: str | None = None  # default: 1 record in 10 of --data, by a stable hash
-    text_field: str = "text"
-    rank: int = 8
-    alpha: float | None = None  # None: 16 (lora, lora-pro: scaling 2 at rank 8); loldu 1 (the paper's sigma = 1/r)
-    dropout: float = 0.0
-    rslora: bool = False
-    targets: list[str] | None = None  # patterns; None = every linear in the decoder blocks
-    lr: float = 2e-4
-    epochs: float | None = None  # default 1 when max_steps is not set
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_seq_len: int = 512
-    packing: bool = False
-    warmup: float = 0.03  # >= 1: steps; < 1: fraction of the run
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    save_every: int | None = None
-    resume: bool = False
-    checkpoint_dir: str | None = None  # default: OUT's hidden sibling .OUT.checkpoints
-    eval_every: int | None = None
-    max_eval_examples: int = 256
-    load_in_4bit: bool = False
-    bone_variant: str = "bat"
-    lora_pro_mode: str = "efficient"
-    device: str = "cpu"
-    dtype: str = "auto"
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method '{self.method}' (choose {', '.join(METHODS)})")
-        if not self.output:
-            raise UsageError("an output folder is required: -o/--output OUT")
-        if self.rank < 1:
-            raise UsageError(f"--rank must be at least 1, got {self.rank}")
-        from lowrank_cli.train.loop import sharded_launch
-
-        if self.method == "lora-pro" and sharded_launch():
-            raise UsageError(f"lora-pro needs each layer's whole A and B on every process; {sharded_launch()} "
-                             "shards them: launch with plain data parallelism (DDP) instead")
-        if self.alpha is not None and self.alpha <= 0:
-            raise UsageError(f"--alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.bone_variant not in BONE_VARIANTS:
-            raise UsageError(f"unknown --bone-variant '{self.bone_variant}' (choose {', '.join(BONE_VARIANTS)})")
-        if self.lora_pro_mode not in LORA_PRO_MODES:
-            raise UsageError(f"unknown --lora-pro-mode '{self.lora_pro_mode}' "
-                             f"(choose {', '.join(LORA_PRO_MODES)})")
-        if self.max_seq_len < 2:
-            raise UsageError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
-        if self.max_eval_examples < 1:
-            raise UsageError("--max-eval-examples must be at least 1")
-        if self.max_grad_norm < 0:
-            raise UsageError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
-        if self.resume and self.save_every is None:
-            log.debug("--resume without --save-every: the resumed run writes no further checkpoints")
-        self.loop_config({}).validate()
-
-    def adapter_spec(self, targets: list[str]) -> AdapterSpec:
-        alpha = self.alpha if self.alpha is not None else (1.0 if self.method == "loldu" else 16.0)
-        return AdapterSpec(method=self.method, targets=targets, rank=self.rank, alpha=alpha,
-                           dropout=self.dropout, rslora=self.rslora, bone_variant=self.bone_variant,
-                           lora_pro_mode=self.lora_pro_mode)
-
-    def loop_config(self, fingerprint: dict):
-        from lowrank_cli.train.loop import LoopConfig
-
-        return LoopConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                          max_steps=self.max_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                          warmup=self.warmup, max_grad_norm=self.max_grad_norm or None,
-                          device=self.device, seed=self.seed,
-                          eval_every=self.eval_every, save_every=self.save_every, fingerprint=fingerprint)
-
-    def fingerprint(self, model_fingerprint: str) -> dict:
-        """What a resumed run must share with the run that wrote the checkpoint."""
-        keep = ("method", "rank", "alpha", "dropout", "rslora", "targets", "bone_variant", "lora_pro_mode",
-                "data", "eval_data", "text_field", "max_seq_len", "packing", "max_eval_examples",
-                "load_in_4bit", "dtype")
-        return {"model": model_fingerprint, "options": {k: getattr(self, k) for k in keep}}
-
 
 @dataclass
 class FinetuneResult(Result):

@@ -14,74 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowrank_cli.api.common import with_overrides
+from lowrank_cli.api.merge_flow import MergeResult
+from lowrank_cli.api.options.merge import MergeOptions
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint, read_header
 from lowrank_cli.io.output import check_output_target
 from lowrank_cli.io.resolve import resolve_model
-from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
 
 __all__ = ["MergeOptions", "MergeResult", "Adapter", "read_adapter", "merge"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-@dataclass
-class MergeOptions:
-    output: str | None = None
-    adapter: str | None = None  # a PEFT adapter folder (save_pretrained output)
-    dense: bool = False  # write a standard checkpoint: factor pairs multiplied back
-    requantize: bool = False  # GPTQ base: dequantize -> merge -> quantize again with the base's grid
-    calib: str | None = None  # --requantize: calibration text (default: the stdlib's "calib" part)
-    calib_samples: int = 128  # --requantize: calibration windows
-    calib_seq_len: int = 512  # --requantize: tokens per window
-    device: str = "cpu"  # --requantize: where GPTQ runs
-    max_shard_size: str = "2GB"
-    overwrite: bool = False
-
-    def validate(self) -> None:
-        if not self.adapter and not self.dense:
-            raise UsageError("nothing to merge: give --adapter DIR, --dense, or both")
-        if not self.output:
-            raise UsageError("an output folder is required: -o/--output OUT")
-        if self.calib_samples < 1 or self.calib_seq_len < 2:
-            raise UsageError("--calib-samples must be at least 1 and --seq-len at least 2")
-        from lowrank_cli.io.writer import parse_size
-
-        parse_size(self.max_shard_size)
-
-
-@dataclass
-class MergeResult(Result):
-    model: str
-    output: str
-    adapter: str | None
-    adapter_type: str | None  # lora | miss | bat | mini (several kinds: comma-separated)
-    base_format: str  # dense | factorized | gptq
-    output_format: str  # dense | factorized | gptq
-    folded: int  # base tensors changed by the adapter
-    densified: int  # factor pairs multiplied back
-    params: dict
-    ranks: dict  # the output's factor ranks ({} for a dense output)
-    timings_s: dict = field(default_factory=dict)
-    requantize: dict | None = None  # --requantize: grid, perplexity and error of the new quantization
-
-    def summary(self):
-        p = self.params
-        rows = [("model", self.model), ("output", self.output)]
-        if self.adapter:
-            rows.append(("adapter", f"{self.adapter} ({self.adapter_type}, {self.folded} tensors folded)"))
-        if self.densified:
-            rows.append(("densified", f"{self.densified} factor pairs multiplied back"))
-        rows += [("format", f"{self.base_format} -> {self.output_format}"),
-                 ("params", f"{p['before']:,} -> {p['after']:,}")]
-        if self.requantize:
-            q = self.requantize
-            rows.append(("requantized", f"{q['method']} {q['bits']}-bit, group {q['group_size']}; perplexity "
-                                        f"{q['perplexity']['final']:.4f}"))
-        rows.append(("time", f"{sum(self.timings_s.values()):.1f} s"))
-        return rows
 
 
 @dataclass

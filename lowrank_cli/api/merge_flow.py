@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowrank_cli.api.common import Timer
@@ -16,8 +17,41 @@ from lowrank_cli.io.manifest import write_manifest
 from lowrank_cli.io.output import OutputDir
 from lowrank_cli.io.verify import verify_checkpoint
 from lowrank_cli.io.writer import ShardWriter, parse_size
+from lowrank_cli.result import Result
 
-__all__ = ["run", "dense_config"]
+__all__ = ["MergeResult", "run", "dense_config"]
+
+
+@dataclass
+class MergeResult(Result):
+    model: str
+    output: str
+    adapter: str | None
+    adapter_type: str | None  # lora | miss | bat | mini (several kinds: comma-separated)
+    base_format: str  # dense | factorized | gptq
+    output_format: str  # dense | factorized | gptq
+    folded: int  # base tensors changed by the adapter
+    densified: int  # factor pairs multiplied back
+    params: dict
+    ranks: dict  # the output's factor ranks ({} for a dense output)
+    timings_s: dict = field(default_factory=dict)
+    requantize: dict | None = None  # --requantize: grid, perplexity and error of the new quantization
+
+    def summary(self):
+        p = self.params
+        rows = [("model", self.model), ("output", self.output)]
+        if self.adapter:
+            rows.append(("adapter", f"{self.adapter} ({self.adapter_type}, {self.folded} tensors folded)"))
+        if self.densified:
+            rows.append(("densified", f"{self.densified} factor pairs multiplied back"))
+        rows += [("format", f"{self.base_format} -> {self.output_format}"),
+                 ("params", f"{p['before']:,} -> {p['after']:,}")]
+        if self.requantize:
+            q = self.requantize
+            rows.append(("requantized", f"{q['method']} {q['bits']}-bit, group {q['group_size']}; perplexity "
+                                        f"{q['perplexity']['final']:.4f}"))
+        rows.append(("time", f"{sum(self.timings_s.values()):.1f} s"))
+        return rows
 
 
 def dense_config(config: dict) -> dict:
@@ -62,7 +96,6 @@ def _dtype(ckpt, name: str):
 def run(model: str, path: Path, ckpt, adapter, folds: list, base_format: str, opts, progress):
     import torch
 
-    from lowrank_cli.api.merge import MergeResult
     from lowrank_cli.methods.merge.plan import apply_fold
     from lowrank_cli.modeling.export import ranks_of, write_modeling_file
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from lowrank_cli.api.common import Timer, check_device, load_tokenizer, solver_windows, with_overrides
+from lowrank_cli.api.options.quantize import BITS, METHODS, QuantizeOptions
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
@@ -26,62 +27,7 @@ from lowrank_cli.utils.progress import Progress
 __all__ = ["QuantizeOptions", "QuantizeResult", "quantize", "METHODS", "BITS"]
 
 log = logging.getLogger("lowrank")
-METHODS = ("gptq", "rtn")
-BITS = (2, 3, 4, 8)
 LOADABLE_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what gptqmodel's kernels accept
-
-
-@dataclass
-class QuantizeOptions:
-    """Every knob of a quantize run; defaults are the recommended setting (GPTQ 4-bit, group 128)."""
-
-    output: str | None = None
-    bits: int = 4
-    group_size: int = 128  # input columns sharing a scale; -1 = one scale per output channel
-    # Asymmetric grids and act-order measured best (benchmarks/quantize_quality.py: SmolLM2 4-bit g128 code
-    # ppl 9.89 vs 11.08 for symmetric without act-order); every GPTQ loader reads both. Marlin-class GPU
-    # kernels want sym=True.
-    sym: bool = False  # False: min/max grid per group; True: zero point in the middle
-    act_order: bool = True  # columns in decreasing Hessian-diagonal order ("desc_act")
-    damp: float = 0.01  # Hessian damping, a fraction of its mean diagonal
-    method: str = "gptq"  # gptq: error-feedback solve; rtn: round to nearest (the baseline)
-    calib: str | None = None
-    calib_samples: int = 128
-    calib_seq_len: int = 512
-    eval_data: str | None = None
-    eval_tokens: int = 4096
-    skip_eval: bool = False
-    text_field: str = "text"
-    max_shard_size: str = "2GB"
-    device: str = "cpu"
-    dtype: str = "auto"
-    batch_size: int = 1
-    offload_dir: str | None = None
-    overwrite: bool = False
-    seed: int = 0
-    test_data: str | None = None  # reported-only text; default: the stdlib's "test" part
-    test_tokens: int = 4096
-    dry_run: bool = False  # plan and estimates only; writes nothing
-
-    def validate(self) -> None:
-        if self.bits not in BITS:
-            raise UsageError(f"--bits {self.bits} is not supported (choose {', '.join(map(str, BITS))})")
-        if self.group_size != -1 and self.group_size < 1:
-            raise UsageError(f"--group-size must be positive or -1 (per channel), got {self.group_size}")
-        if self.method not in METHODS:
-            raise UsageError(f"unknown --method '{self.method}' (choose {', '.join(METHODS)})")
-        if not 0 <= self.damp < 1:
-            raise UsageError(f"--damp must be in [0, 1), got {self.damp}")
-        for name in ("calib_samples", "eval_tokens", "test_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.calib_seq_len < 2:
-            raise UsageError(f"--seq-len must be at least 2, got {self.calib_seq_len}")
-        from lowrank_cli.io.writer import parse_size
-
-        parse_size(self.max_shard_size)
-        if not self.output and not self.dry_run:
-            raise UsageError("an output folder is required: -o/--output OUT")
 
 
 @dataclass

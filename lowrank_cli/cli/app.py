@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from lowrank_cli import __version__
+from lowrank_cli.api.jobs import JOBS
 from lowrank_cli.cli import compress as compress_cmd
 from lowrank_cli.cli import decompose as decompose_cmd
 from lowrank_cli.cli import env as env_cmd
@@ -19,8 +20,9 @@ from lowrank_cli.cli import quantize as quantize_cmd
 from lowrank_cli.cli import recipe as recipe_cmd
 from lowrank_cli.cli import run as run_cmd
 from lowrank_cli.cli import trp as trp_cmd
+from lowrank_cli.cli.commands import job_command
+from lowrank_cli.cli.config_option import ConfigGroup
 from lowrank_cli.cli.runner import STATE, json_error
-from lowrank_cli.recipes.config_option import ConfigGroup
 
 __all__ = ["app", "main"]
 
@@ -65,17 +67,15 @@ def root(
     STATE.verbose, STATE.quiet = verbose, quiet
 
 
-app.command("eval", epilog=eval_cmd.EPILOG)(eval_cmd.eval_command)
-app.command("decompose", epilog=decompose_cmd.EPILOG)(decompose_cmd.decompose_command)
-app.command("env", epilog=env_cmd.EPILOG)(env_cmd.env_command)
-app.command("finetune", epilog=finetune_cmd.EPILOG)(finetune_cmd.finetune_command)
-app.command("quantize", epilog=quantize_cmd.EPILOG)(quantize_cmd.quantize_command)
-app.command("compress", epilog=compress_cmd.EPILOG)(compress_cmd.compress_command)
-app.command("merge", epilog=merge_cmd.EPILOG)(merge_cmd.merge_command)
+# help text and examples of each job's command (a job without an entry gets its options' docstring)
+TEXTS = {"eval": eval_cmd, "decompose": decompose_cmd, "env": env_cmd, "finetune": finetune_cmd,
+         "quantize": quantize_cmd, "compress": compress_cmd, "merge": merge_cmd, "trp-train": trp_cmd}
+
+for _job in JOBS.values():
+    _text = TEXTS.get(_job.name)
+    app.command(_job.name, epilog=getattr(_text, "EPILOG", None))(job_command(_job, getattr(_text, "HELP", None)))
 app.command("run", epilog=run_cmd.EPILOG, context_settings=run_cmd.CONTEXT)(run_cmd.run_command)
 app.add_typer(recipe_cmd.recipe_app, name="recipe")
-app.command("trp-train", epilog=trp_cmd.EPILOG)(trp_cmd.trp_command)
-
 
 def main() -> None:
     """Entry point. Click's own usage errors (unknown option, bad value) exit 2; with --json they also

@@ -1,9 +1,6 @@
-"""`lowrank env`."""
-
-from __future__ import annotations
-
-from lowrank_cli.cli import options as opt
-from lowrank_cli.cli.runner import run
+"""`lowrank env`: help text and examples.
+Its flags are generated from the job's options dataclass
+(`lowrank_cli/api/options/`, see `cli/commands.py`)."""
 
 EPILOG = """\
 [bold]Examples[/bold]
@@ -12,13 +9,5 @@ EPILOG = """\
   lowrank env --json > env.json     # attach to a bug report
 """
 
-
-def env_command(json_out: opt.JSON = False) -> None:
-    """Print versions (lowrank, Python, torch with CUDA, transformers, peft, accelerate) and devices."""
-
-    def job(progress):
-        from lowrank_cli.api.env import environment
-
-        return environment()
-
-    run("env", job, json_mode=json_out)
+HELP = """Print versions (lowrank, Python, torch with CUDA, transformers, peft, accelerate) and devices.
+"""

@@ -63,11 +63,12 @@ def ls_command(json_out: opt.JSON = False) -> None:
     def job(progress):
         import yaml
 
+        from lowrank_cli.recipes.recipe import recipe_text
         from lowrank_cli.recipes.shipped import header_command, shipped
 
         found = []
         for name, path in shipped().items():
-            text = path.read_text()
+            text = recipe_text(path)
             doc = yaml.safe_load(text) or {}
             steps = [next(iter(s)) for s in doc.get("steps") or [] if isinstance(s, dict) and s]
             found.append({"name": name, "path": str(path), "steps": steps, "description": doc.get("description"),
@@ -88,7 +89,7 @@ def show_command(
     """Print a recipe (with --resolved: after overrides, defaults and chaining)."""
 
     def job(progress):
-        from lowrank_cli.recipes.recipe import RecipeInvalid, load_plan
+        from lowrank_cli.recipes.recipe import RecipeInvalid, load_plan, recipe_text
         from lowrank_cli.recipes.schema import Problem
         from lowrank_cli.recipes.shipped import locate
 
@@ -101,7 +102,7 @@ def show_command(
         if path is None:
             raise RecipeInvalid(name, [Problem("", "no such file, and no shipped recipe of that name "
                                                    "(see `lowrank recipe ls`)")])
-        return RecipeText(recipe=str(path), text=path.read_text())
+        return RecipeText(recipe=str(path), text=recipe_text(path))
 
     run("recipe show", job, json_mode=json_out)
 

@@ -50,6 +50,7 @@ def run_command(
         from lowrank_cli.recipes.recipe import load_plan
 
         plan = load_plan(recipe, sets=overrides or [], flags=step_flags or [])
-        return execute(plan, dry_run=dry_run, force=force, json_mode=json_out, quiet=STATE.quiet)
+        return execute(plan, dry_run=dry_run, force=force, json_mode=json_out, quiet=STATE.quiet,
+                       progress=progress)
 
     run("run", job, json_mode=json_out)

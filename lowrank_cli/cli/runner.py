@@ -8,7 +8,6 @@ traceback.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -20,8 +19,8 @@ from dataclasses import dataclass
 
 import typer
 
-from lowrank_cli.errors import LowrankError
-from lowrank_cli.result import RESULT_SCHEMA
+from lowrank_cli.errors import summarize
+from lowrank_cli.result import error_document, ok_document
 from lowrank_cli.utils.streams import stdout_to_stderr
 
 __all__ = ["GlobalState", "STATE", "run", "json_error"]
@@ -31,9 +30,6 @@ __all__ = ["GlobalState", "STATE", "run", "json_error"]
 class GlobalState:
     verbose: int = 0
     quiet: bool = False
-    # `lowrank run` sets this while a step runs: it receives the step's result (or error) document, and
-    # under --json nothing is printed, so the run prints one object for all its steps
-    sink: Callable[[dict], None] | None = None
 
 
 STATE = GlobalState()
@@ -109,14 +105,9 @@ def _emit_json(doc: dict) -> None:
     sys.stdout.flush()
 
 
-def _error_doc(command: str, kind: str, message: str, code: int, hint: str | None = None) -> dict:
-    return {"schema": RESULT_SCHEMA, "command": command, "status": "error", "exit_code": code,
-            "error": {"type": kind, "message": message, "hint": hint}}
-
-
 def json_error(command: str, kind: str, message: str, code: int, hint: str | None = None,
                extra: dict | None = None) -> None:
-    _emit_json({**_error_doc(command, kind, message, code, hint), **(extra or {})})
+    _emit_json({**error_document(command, kind, message, code, hint), **(extra or {})})
 
 
 def _render_human(result) -> None:
@@ -141,38 +132,30 @@ def run(command: str, job: Callable, *, json_mode: bool) -> None:
     console = getattr(progress, "console", None)
     if console is not None:  # log lines print above the live bars instead of through them
         logging.getLogger("lowrank").handlers[0].stream = _ConsoleStream(console)
-    log = logging.getLogger("lowrank")
     try:
-        # libraries that print banners (gptqmodel does when a GPTQ model loads) must not break the JSON
-        with stdout_to_stderr() if json_mode else contextlib.nullcontext():
+        # stdout carries only the result: libraries that print banners (gptqmodel does when a GPTQ model
+        # loads) write to stderr instead
+        with stdout_to_stderr():
             result = job(progress)
-    except LowrankError as exc:
-        _fail(command, exc.kind, exc.message, exc.exit_code, exc.hint, json_mode, exc)
     except KeyboardInterrupt:
-        _fail(command, "interrupted", "interrupted", 130, None, json_mode, None)
+        _fail(command, ("interrupted", "interrupted", 130, None), json_mode, None)
     except typer.Exit:
         raise
-    except Exception as exc:  # anything unexpected: still one line unless -v
-        _fail(command, "runtime", f"{type(exc).__name__}: {exc}", 1, None, json_mode, exc)
+    except Exception as exc:  # anything unexpected too: still one line unless -v
+        _fail(command, summarize(exc), json_mode, exc)
     finally:
         close = getattr(progress, "close", None)
         if close:
             close()
-    doc = {"schema": RESULT_SCHEMA, "command": command, "status": "ok", "exit_code": 0}
-    if json_mode or STATE.sink is not None:
-        doc.update(result.to_dict())
-    if STATE.sink is not None:
-        STATE.sink(doc)
     if json_mode:
-        if STATE.sink is None:
-            _emit_json(doc)
+        _emit_json(ok_document(command, result))
     else:
         _render_human(result)
-    log.debug("done")
+    logging.getLogger("lowrank").debug("done")
 
 
-def _fail(command, kind, message, code, hint, json_mode, exc) -> None:
-    first_line = message.strip().splitlines()[0] if message.strip() else kind
+def _fail(command: str, summary: tuple, json_mode: bool, exc: BaseException | None) -> None:
+    kind, first_line, code, hint = summary
     if STATE.verbose >= 1 and exc is not None:
         traceback.print_exception(exc, file=sys.stderr)
     sys.stderr.write(f"error: {first_line}\n")
@@ -180,8 +163,6 @@ def _fail(command, kind, message, code, hint, json_mode, exc) -> None:
         sys.stderr.write(f"{line}\n")
     if hint:
         sys.stderr.write(f"hint: {hint}\n")
-    if STATE.sink is not None:
-        STATE.sink(_error_doc(command, kind, first_line, code, hint))
-    elif json_mode:
+    if json_mode:
         json_error(command, kind, first_line, code, hint, getattr(exc, "json_extra", None))
     raise typer.Exit(code)

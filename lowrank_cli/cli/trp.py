@@ -1,13 +1,6 @@
-"""`lowrank trp-train MODEL --data D -o OUT`."""
-
-from __future__ import annotations
-
-from typing import Annotated
-
-import typer
-
-from lowrank_cli.cli import options as opt
-from lowrank_cli.cli.runner import run
+"""`lowrank trp-train MODEL --data D -o OUT`: help text and examples.
+Its flags are generated from the job's options dataclass
+(`lowrank_cli/api/options/`, see `cli/commands.py`)."""
 
 EPILOG = """\
 [bold]Examples[/bold]
@@ -29,82 +22,9 @@ like `lowrank decompose` writes (trust_remote_code=True), with trp_ranks.jsonl/.
 at every TRP step) and loss_curve.jsonl/.png.
 """
 
-TRP, DATA, TRAIN, CKPT = "TRP", "Data", "Training", "Checkpoints"
+HELP = """Train a model toward low rank (Trained Rank Pruning), then factorize it.
 
-
-def trp_command(
-    model: opt.MODEL,
-    output: opt.OUTPUT = None,
-    period: Annotated[int, typer.Option("--period", help="Optimizer steps between truncations.",
-                                        rich_help_panel=TRP)] = 5,
-    energy: Annotated[float, typer.Option("--energy", help="Fraction of the squared singular values each "
-                                          "truncation keeps, in (0, 1].", rich_help_panel=TRP)] = 0.9,
-    nuclear_weight: Annotated[float, typer.Option("--nuclear-weight", help="Nuclear-norm weight lambda "
-                                                  "(sub-gradient added on truncation steps); 0: off.",
-                                                  rich_help_panel=TRP)] = 3e-4,
-    final_energy: Annotated[float, typer.Option("--final-energy", help="Energy kept by the final "
-                                                "factorization, in (0, 1].", rich_help_panel=TRP)] = 0.9,
-    targets: Annotated[str | None, typer.Option(
-        "--targets", help="Comma-separated module-name patterns (globs; a bare name like c_fc matches it in "
-        "every block). Default: every linear layer inside the decoder blocks.", rich_help_panel=TRP,
-        show_default=False)] = None,
-    freeze_non_targets: Annotated[bool, typer.Option(
-        "--freeze-non-targets", help="Train only the targeted layers (default: every parameter, as the "
-        "paper does).", rich_help_panel=TRP)] = False,
-    svd: Annotated[str, typer.Option("--svd", help="auto: randomized SVD for layers with min(m, n) >= 2048, "
-                                     "exact below; exact; randomized.", rich_help_panel=TRP)] = "auto",
-    data: Annotated[str | None, typer.Option(
-        "--data", help="Training data: .jsonl/.json/.parquet records, text files, a glob, a folder, a "
-        "datasets hub id, or 'stdlib' (default).", rich_help_panel=DATA, show_default=False)] = None,
-    eval_data: Annotated[str | None, typer.Option(
-        "--eval-data", help="Held-out data for the eval loss and the perplexities. Default: held out from "
-        "--data by a stable hash (stdlib: its eval part).", rich_help_panel=DATA, show_default=False)] = None,
-    text_field: opt.TEXT_FIELD = "text",
-    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Tokens per example and per perplexity "
-                                             "window.", rich_help_panel=DATA)] = 512,
-    eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Held-out tokens for the perplexities "
-                                             "before and after.", rich_help_panel=DATA)] = 4096,
-    max_eval_examples: Annotated[int, typer.Option("--max-eval-examples", help="Held-out examples for the "
-                                                   "eval loss.", rich_help_panel=DATA)] = 256,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=TRAIN)] = 1e-4,
-    epochs: opt.EPOCHS = None,
-    max_steps: opt.MAX_STEPS = None,
-    batch_size: opt.TRAIN_BATCH_SIZE = 4,
-    grad_accum: opt.GRAD_ACCUM = 1,
-    warmup: opt.WARMUP = 0.03,
-    weight_decay: opt.WEIGHT_DECAY = 0.0,
-    max_grad_norm: opt.MAX_GRAD_NORM = 1.0,
-    eval_every: opt.EVAL_EVERY = None,
-    seed: opt.SEED = 0,
-    save_every: opt.SAVE_EVERY = None,
-    resume: opt.RESUME = False,
-    checkpoint_dir: opt.CHECKPOINT_DIR = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard.",
-                                                rich_help_panel="Output")] = "2GB",
-    device: opt.DEVICE = "cpu",
-    overwrite: opt.OVERWRITE = False,
-    json_out: opt.JSON = False,
-) -> None:
-    """Train a model toward low rank (Trained Rank Pruning), then factorize it.
-
-    Full-parameter training in float32 (bf16 autocast on GPUs that have it) through the shared training
-    loop; reports perplexity and parameters before and after, every layer's rank over training, and
-    TRP's time cost against plain training steps.
-    """
-
-    def job(progress):
-        from lowrank_cli.api.trp import TRPOptions, trp_train
-        from lowrank_cli.methods.decompose.targets import parse_patterns
-
-        opts = TRPOptions(
-            output=output, data=data, eval_data=eval_data, text_field=text_field, period=period, energy=energy,
-            nuclear_weight=nuclear_weight, final_energy=final_energy, targets=parse_patterns(targets),
-            freeze_non_targets=freeze_non_targets, svd=svd, lr=lr, weight_decay=weight_decay, epochs=epochs,
-            max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
-            warmup=warmup, max_grad_norm=max_grad_norm, eval_every=eval_every,
-            max_eval_examples=max_eval_examples, eval_tokens=eval_tokens, save_every=save_every, resume=resume,
-            checkpoint_dir=checkpoint_dir, max_shard_size=max_shard_size, device=device, overwrite=overwrite,
-            seed=seed)
-        return trp_train(model, opts, progress)
-
-    run("trp-train", job, json_mode=json_out)
+Full-parameter training in float32 (bf16 autocast on GPUs that have it) through the shared training
+loop; reports perplexity and parameters before and after, every layer's rank over training, and
+TRP's time cost against plain training steps.
+"""

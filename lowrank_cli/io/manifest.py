@@ -6,14 +6,16 @@ complete output.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import platform
-import sys
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["MANIFEST", "SCHEMA", "versions", "write_manifest", "read_manifest"]
+__all__ = ["MANIFEST", "SCHEMA", "versions", "write_manifest", "read_manifest", "recording_command_line"]
 
 MANIFEST = "lowrank.json"
 SCHEMA = "lowrank.manifest/v1"
@@ -31,13 +33,31 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+# the command line of the job running in this context (see recording_command_line)
+_COMMAND_LINE: ContextVar[list[str] | None] = ContextVar("lowrank_command_line", default=None)
+
+
+@contextlib.contextmanager
+def recording_command_line(argv: Sequence[str]) -> Iterator[None]:
+    """Outputs written inside this block record `argv` as the command line that produced them: the CLI gives
+    sys.argv, a recipe step its equivalent `lowrank COMMAND ...` line. Outside any such block (the library
+    called from Python) the manifest's argv is null: never the host program's own command line."""
+    token = _COMMAND_LINE.set([str(a) for a in argv])
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
 def write_manifest(folder: Path, *, command: str, options: dict, input_info: dict, metrics: dict,
-                   extra: dict | None = None) -> Path:
+                   extra: dict | None = None, argv: Sequence[str] | None = None) -> Path:
+    """Write lowrank.json. `argv`: the producing command line; by default the one the caller is recording
+    (`recording_command_line`), else null."""
     doc = {
         "schema": SCHEMA,
         "command": command,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv,
+        "argv": list(argv) if argv is not None else _COMMAND_LINE.get(),
         "options": options,
         "input": input_info,
         "metrics": metrics,

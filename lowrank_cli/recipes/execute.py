@@ -1,7 +1,8 @@
-"""Run a plan's steps in order, in this process, through each command's own CLI entry.
+"""Run a plan's steps in order, in this process, through the library: each step builds its job's options
+object from its validated options and calls `api.<job>(model, options)` (`JOBS[command].run`).
 
-Every step runs exactly as its printed command line would (`Step.shell()`), so a recipe never does what
-the commands cannot. Per step:
+A step does exactly what its printed command line (`Step.shell()`) would do: both go through the same
+options and the same function, and that line is what the step's lowrank.json records as its argv. Per step:
   - complete output (lowrank.json present, `recipe.yaml` recording the same options and the same input)
     -> skipped; stale (options or input changed) -> redone over it; --force -> redone;
   - an existing folder that this recipe did not write -> refused (exit 2) unless --force;
@@ -12,9 +13,9 @@ the commands cannot. Per step:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -22,13 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowrank_cli.errors import LowrankError
-from lowrank_cli.io.manifest import MANIFEST
+from lowrank_cli.api.jobs import JOBS
+from lowrank_cli.errors import LowrankError, summarize
+from lowrank_cli.io.manifest import MANIFEST, recording_command_line
 from lowrank_cli.recipes.recipe import Plan, Step
-from lowrank_cli.result import Result
-from lowrank_cli.utils.streams import stdout_to_stderr
+from lowrank_cli.result import Result, error_document, ok_document
+from lowrank_cli.utils.progress import Progress
 
-__all__ = ["RunResult", "StepFailed", "execute", "RECIPE_FILE", "output_state"]
+__all__ = ["RunResult", "StepFailed", "execute", "run_step", "RECIPE_FILE", "output_state"]
+
+log = logging.getLogger("lowrank")
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -132,101 +136,135 @@ def _say(text: str, quiet: bool) -> None:
         sys.stderr.flush()
 
 
-def _invoke(step: Step, runtime: dict[str, Any]) -> tuple[int, dict | None]:
-    """Run one step through its click command; (exit code, the runner's result or error document)."""
-    import typer
+def _report(exc: BaseException, first_line: str, hint: str | None) -> None:
+    """A failed step's one-line error on stderr, as the command itself prints it (traceback with -v)."""
+    log.debug("traceback", exc_info=exc)
+    sys.stderr.write(f"error: {first_line}\n")
+    for line in getattr(exc, "lines", ()):
+        sys.stderr.write(f"{line}\n")
+    if hint:
+        sys.stderr.write(f"hint: {hint}\n")
 
+
+def run_step(step: Step, runtime: dict[str, Any] | None = None, progress: Progress | None = None
+             ) -> tuple[int, dict]:
+    """Run one step through the library: (exit code, its result or error document). `runtime` holds the
+    options `lowrank run` decides (dry_run, overwrite)."""
+    runtime = runtime or {}
+    job = JOBS[step.command]
+    values = {step.spec.options[k].param: v for k, v in {**step.options, **runtime}.items() if k in step.spec.options}
     try:
-        from typer._click import exceptions as click_errors
-    except ImportError:  # pragma: no cover - older typer
-        from click import exceptions as click_errors
+        options = job.make_options(values)
+        with recording_command_line(step.command_line(**runtime)):
+            result = job.run(values.get("model"), options, progress)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a step's failure is the run's to report: one line, its exit code
+        kind, first_line, code, hint = summarize(exc)
+        _report(exc, first_line, hint)
+        return code, error_document(step.command, kind, first_line, code, hint)
+    return 0, ok_document(step.command, result)
 
-    from lowrank_cli.cli.runner import STATE
 
-    argv = step.argv(**runtime)
-    captured: list[dict] = []
-    saved_argv, saved_sink = sys.argv, STATE.sink
-    sys.argv = ["lowrank", step.command, *argv]  # what the step's manifest records as its command line
-    STATE.sink = captured.append
-    try:
-        code = step.spec.command.main(args=argv, prog_name=f"lowrank {step.command}", standalone_mode=False)
-    except click_errors.ClickException as exc:  # the command's own parsing refused a value
-        sys.stderr.write(f"error: {exc.format_message()}\n")
-        code = exc.exit_code
-        captured.append({"error": {"type": "usage", "message": exc.format_message(), "hint": None}})
-    except typer.Abort:
-        code = 130
-    finally:
-        sys.argv, STATE.sink = saved_argv, saved_sink
-    code = code if isinstance(code, int) else 0
-    return code, (captured[-1] if captured else None)
+def _outcome(step: Step, reason: str) -> dict[str, Any]:
+    return {"step": step.index, "command": step.command, "output": step.output, "status": None, "exit_code": None,
+            "reason": reason or None, "command_line": step.shell(), "seconds": None}
+
+
+def _runtime(step: Step, state: str, force: bool, json_mode: bool, outcome: dict) -> dict[str, Any]:
+    """The flags `lowrank run` sets for a step: --json (shown in its command line), --overwrite where its
+    output is stale, foreign (with --force) or complete (with --force)."""
+    runtime: dict[str, Any] = {}
+    options = step.spec.options
+    if json_mode and "json" in options:
+        runtime["json"] = True
+    if state in ("stale", "foreign") and "overwrite" in options:
+        runtime["overwrite"] = True
+    if force and state == "complete" and "overwrite" in options:
+        runtime["overwrite"], outcome["reason"] = True, "--force"
+    return runtime
+
+
+@dataclass
+class _Run:
+    """One `lowrank run`: the plan, its switches, and what happened so far."""
+
+    plan: Plan
+    dry_run: bool
+    force: bool
+    json_mode: bool
+    quiet: bool
+    progress: Progress | None
+    outcomes: list[dict] = field(default_factory=list)
+    fresh: set[int] = field(default_factory=set)  # steps (re)run now, or that would be: their outputs change
+
+    def fail(self, step: Step, done: int, code: int) -> StepFailed:
+        for later in self.plan.steps[done:]:
+            self.outcomes.append({**_outcome(later, ""), "status": "not run"})
+        return StepFailed(step, code, self.outcomes)
+
+    def say(self, text: str) -> None:
+        _say(text, self.quiet or self.json_mode)
+
+
+def _state(run: _Run, step: Step) -> tuple[str, str]:
+    state, reason = output_state(step)
+    if state == "complete" and step.model_from in run.fresh:
+        return "stale", "its input will be rewritten by an earlier step"
+    return state, reason
+
+
+def _plan_only(run: _Run, step: Step, n: int, runtime: dict, outcome: dict) -> bool:
+    """Dry run: a step that cannot dry-run (no --dry-run, or its input does not exist yet) is only planned;
+    True when planned."""
+    run.fresh.add(step.index)
+    waits = step.model_from in run.fresh  # its input does not exist yet, or will change
+    if "dry_run" in step.spec.options and not waits:
+        runtime["dry_run"] = True
+        return False
+    outcome.update(status="planned", exit_code=0, reason=outcome["reason"] or (
+        f"reads steps.{step.model_from}'s output" if waits else "no --dry-run for this command"))
+    run.say(f"[{n}/{len(run.plan.steps)}] plan {step.shell(**runtime)}")
+    return True
+
+
+def _execute_step(run: _Run, step: Step, n: int) -> None:
+    state, reason = _state(run, step)
+    outcome = _outcome(step, reason)
+    run.outcomes.append(outcome)
+    total = len(run.plan.steps)
+    if state == "complete" and not run.force:
+        outcome.update(status="skipped", exit_code=0)
+        run.say(f"[{n}/{total}] skip {step.label}: {reason}")
+        return
+    if state == "foreign" and not run.force:
+        outcome.update(status="error", exit_code=2, reason=f"{reason}; use --force to replace it")
+        _say(f"error: {step.label}: {outcome['reason']}", False)
+        raise run.fail(step, n, 2)
+    runtime = _runtime(step, state, run.force, run.json_mode, outcome)
+    if run.dry_run and _plan_only(run, step, n, runtime, outcome):
+        return
+    outcome["command_line"] = step.shell(**runtime)
+    run.say(f"[{n}/{total}] {outcome['command_line']}" + (f"   # {outcome['reason']}" if outcome["reason"] else ""))
+    if step.output and not run.dry_run:  # recipes name outputs like out/x: the commands want the parent
+        Path(step.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    code, doc = run_step(step, runtime, run.progress)
+    outcome.update(seconds=round(time.perf_counter() - start, 3), exit_code=code)
+    if code != 0:
+        outcome.update(status="error", error=doc.get("error"))
+        raise run.fail(step, n, code)
+    outcome.update(status="dry-run" if run.dry_run else "ok", result=doc)
+    if not run.dry_run:
+        run.fresh.add(step.index)
+        if step.output:
+            _write_recipe(step, run.plan)
 
 
 def execute(plan: Plan, *, dry_run: bool = False, force: bool = False, json_mode: bool = False,
-            quiet: bool = False) -> RunResult:
+            quiet: bool = False, progress: Progress | None = None) -> RunResult:
     """Run (or with dry_run, check and plan) every step; raise StepFailed at the first failure."""
-    outcomes: list[dict] = []
-    fresh: set[int] = set()  # steps (re)run now, or that would be: their outputs change
-    total = len(plan.steps)
+    run = _Run(plan=plan, dry_run=dry_run, force=force, json_mode=json_mode, quiet=quiet, progress=progress)
     for n, step in enumerate(plan.steps, 1):
-        state, reason = output_state(step)
-        if state == "complete" and step.model_from in fresh:
-            state, reason = "stale", "its input will be rewritten by an earlier step"
-        outcome = {"step": step.index, "command": step.command, "output": step.output, "status": None,
-                   "exit_code": None, "reason": reason or None, "command_line": step.shell(), "seconds": None}
-        outcomes.append(outcome)
-        if state == "complete" and not force:
-            outcome.update(status="skipped", exit_code=0)
-            _say(f"[{n}/{total}] skip {step.label}: {reason}", quiet or json_mode)
-            continue
-        if state == "foreign" and not force:
-            outcome.update(status="error", exit_code=2, reason=f"{reason}; use --force to replace it")
-            _say(f"error: {step.label}: {outcome['reason']}", False)
-            _not_run(plan, n, outcomes)
-            raise StepFailed(step, 2, outcomes)
-        runtime: dict[str, Any] = {}
-        options = step.spec.options
-        if json_mode and "json" in options:
-            runtime["json"] = True
-        if state in ("stale", "foreign") and "overwrite" in options:
-            runtime["overwrite"] = True
-        if force and state == "complete" and "overwrite" in options:
-            runtime["overwrite"], outcome["reason"] = True, "--force"
-        if dry_run:
-            fresh.add(step.index)
-            waits = step.model_from in fresh  # its input does not exist yet, or will change
-            if "dry_run" not in options or waits:
-                outcome.update(status="planned", exit_code=0, reason=outcome["reason"] or (
-                    f"reads steps.{step.model_from}'s output" if waits else "no --dry-run for this command"))
-                _say(f"[{n}/{total}] plan {step.shell(**runtime)}", quiet or json_mode)
-                continue
-            runtime["dry_run"] = True
-        _say(f"[{n}/{total}] {step.shell(**runtime)}" + (f"   # {outcome['reason']}" if outcome["reason"]
-                                                          else ""), quiet or json_mode)
-        outcome["command_line"] = step.shell(**runtime)
-        if step.output and not dry_run:  # recipes name outputs like out/x: the commands want the parent
-            Path(step.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        with stdout_to_stderr() if json_mode else contextlib.nullcontext():
-            code, doc = _invoke(step, runtime)
-        outcome["seconds"] = round(time.perf_counter() - start, 3)
-        outcome["exit_code"] = code
-        if doc is not None:
-            outcome["result" if code == 0 else "error"] = doc if code == 0 else doc.get("error")
-        if code != 0:
-            outcome["status"] = "error"
-            _not_run(plan, n, outcomes)
-            raise StepFailed(step, code, outcomes)
-        outcome["status"] = "dry-run" if dry_run else "ok"
-        if not dry_run:
-            fresh.add(step.index)
-            if step.output:
-                _write_recipe(step, plan)
-    return RunResult(recipe=plan.source, name=plan.name, dry_run=dry_run, steps=outcomes)
-
-
-def _not_run(plan: Plan, done: int, outcomes: list[dict]) -> None:
-    for step in plan.steps[done:]:
-        outcomes.append({"step": step.index, "command": step.command, "output": step.output,
-                         "status": "not run", "exit_code": None, "reason": None,
-                         "command_line": step.shell(), "seconds": None})
+        _execute_step(run, step, n)
+    return RunResult(recipe=plan.source, name=plan.name, dry_run=dry_run, steps=run.outcomes)

@@ -49,7 +49,7 @@ def parse_set(items: list[str]) -> tuple[list[tuple[list[str], Any, str]], list[
 
 def text_for(spec: OptionSpec, value: Any, raw: str) -> Any:
     """A YAML-typed `--set` value for a text option keeps the text as typed (`--set x.text_field=yes`)."""
-    if spec.base in (int, float, bool) or spec.choices is not None or spec.is_list:
+    if spec.base in (int, float, bool) or spec.is_list:
         return value
     return raw if isinstance(value, (bool, int, float)) or value.__class__.__name__ == "date" else value
 

@@ -28,7 +28,7 @@ from lowrank_cli.recipes.schema import CommandSpec, Problem, canonical_keys, che
 from lowrank_cli.recipes.shipped import locate, shipped
 
 __all__ = ["Step", "Plan", "RecipeInvalid", "load_plan", "plan_from_document", "to_argv", "RUN_CONTROLLED",
-           "TOP_KEYS"]
+           "TOP_KEYS", "recipe_text"]
 
 TOP_KEYS = ("name", "description", "steps", "produced_by")
 # options a step may not set: `lowrank run` decides them for every step
@@ -42,11 +42,12 @@ RUN_CONTROLLED = {
 class RecipeInvalid(UsageError):
     """Every problem of a recipe (exit 2); the runner prints each on its own line."""
 
-    def __init__(self, source: str, problems: list[Problem]):
+    def __init__(self, source: str, problems: list[Problem], *, one_line: bool = False):
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"recipe {source}: {count}")
+        # a file that cannot be read at all is one problem, said in one line
+        super().__init__(f"recipe {source}: {problems[0]}" if one_line else f"recipe {source}: {count}")
         self.problems = problems
-        self.lines = [f"  {p}" for p in problems]
+        self.lines = [] if one_line else [f"  {p}" for p in problems]
         self.json_extra = {"errors": [{"where": p.where, "message": p.message} for p in problems]}
 
 
@@ -69,8 +70,12 @@ class Step:
     def argv(self, **runtime: Any) -> list[str]:
         return to_argv(self.spec, {**self.options, **runtime})
 
+    def command_line(self, **runtime: Any) -> list[str]:
+        """The `lowrank COMMAND ...` line that does what this step does (its manifest records it)."""
+        return ["lowrank", self.command, *self.argv(**runtime)]
+
     def shell(self, **runtime: Any) -> str:
-        return shlex.join(["lowrank", self.command, *self.argv(**runtime)])
+        return shlex.join(self.command_line(**runtime))
 
 
 @dataclass
@@ -127,15 +132,26 @@ def _read(source: str | Path) -> tuple[str, Any]:
         names = ", ".join(shipped()) or "none"
         raise RecipeInvalid(str(source), [Problem("", f"no such file, and no shipped recipe of that name "
                                                       f"(shipped: {names}; see `lowrank recipe ls`)")])
+    text = recipe_text(path)
     try:
-        return str(path), yaml.safe_load(path.read_text())
+        return str(path), yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         raise RecipeInvalid(str(path), [Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]) \
             from None
+
+
+def recipe_text(path: Path) -> str:
+    """A recipe file's text; one line, exit 2, when it cannot be read or is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        raise RecipeInvalid(str(path), [Problem("", problem)], one_line=True) from None
     except OSError as exc:
-        raise RecipeInvalid(str(path), [Problem("", f"cannot read: {exc.strerror or exc}")]) from None
+        raise RecipeInvalid(str(path), [Problem("", f"cannot read: {exc.strerror or exc}")], one_line=True) \
+            from None
 
 
 def load_plan(source: str | Path, sets: list[str] = (), flags: list[str] = ()) -> Plan:
@@ -170,6 +186,30 @@ def _steps_of(doc: Any, problems: list[Problem]) -> list[tuple[str, dict]]:
     return steps
 
 
+def _set_steps(parts: list[str], commands: list[str], specs: dict[str, CommandSpec]
+               ) -> tuple[list[tuple[int, str]], str | None]:
+    """The (step, key) pairs a --set path addresses, or the problem with it."""
+    head = parts[0]
+    if head == "steps":
+        if len(parts) < 3 or not parts[1].isdigit() or int(parts[1]) >= len(commands):
+            return [], f"expected steps.N.key with N in 0..{len(commands) - 1}"
+        i, rest = int(parts[1]), parts[2:]
+        if len(rest) > 1 and rest[0] == commands[i]:
+            rest = rest[1:]
+        if len(rest) != 1:
+            return [], f"steps.{i} runs '{commands[i]}': expected steps.{i}.{commands[i]}.KEY or steps.{i}.KEY"
+        return [(i, rest[0])], None
+    if len(parts) == 2 and head in commands:
+        return [(i, parts[1]) for i, command in enumerate(commands) if command == head], None
+    if len(parts) == 2 and head in specs:
+        return [], f"this recipe has no '{head}' step"
+    if len(parts) == 1:
+        takers = [(i, head) for i, c in enumerate(commands) if c in specs and specs[c].key_for(head)]
+        names = {k for c in commands if c in specs for k in specs[c].options}
+        return takers, None if takers else f"no step of this recipe takes '{head}'{suggest(head, names)}"
+    return [], f"expected steps.N.key, COMMAND.key or key{suggest(head, [*commands, 'steps'])}"
+
+
 def _apply_sets(sets: list[str], doc: dict, steps: list[tuple[str, dict]], specs: dict[str, CommandSpec],
                 problems: list[Problem]) -> list[dict[str, Any]]:
     """--set overrides -> one layer per step (keys as given; canonicalized with the step's own keys)."""
@@ -177,49 +217,66 @@ def _apply_sets(sets: list[str], doc: dict, steps: list[tuple[str, dict]], specs
     problems += bad
     per_step: list[dict[str, Any]] = [{} for _ in steps]
     commands = [c for c, _ in steps]
-
-    def put(i: int, key: str, value: Any, raw: str) -> None:
-        spec = specs.get(commands[i])
-        canonical = spec.key_for(key) if spec else None
-        per_step[i][key] = layers.text_for(spec.options[canonical], value, raw) if canonical else value
-
     for parts, value, raw in parsed:
-        where = f"--set {'.'.join(parts)}"
-        head = parts[0]
-        if head == "steps":
-            if len(parts) < 3 or not parts[1].isdigit() or int(parts[1]) >= len(steps):
-                problems.append(Problem(where, f"expected steps.N.key with N in 0..{len(steps) - 1}"))
-                continue
-            i, rest = int(parts[1]), parts[2:]
-            if len(rest) > 1 and rest[0] == commands[i]:
-                rest = rest[1:]
-            if len(rest) != 1:
-                problems.append(Problem(where, f"steps.{i} runs '{commands[i]}': expected "
-                                               f"steps.{i}.{commands[i]}.KEY or steps.{i}.KEY"))
-                continue
-            put(i, rest[0], value, raw)
-        elif len(parts) == 1 and head in ("name", "description"):
-            doc[head] = value
-        elif len(parts) == 2 and head in commands:
-            for i, command in enumerate(commands):
-                if command == head:
-                    put(i, parts[1], value, raw)
-        elif len(parts) == 2 and head in specs:
-            problems.append(Problem(where, f"this recipe has no '{head}' step"))
-        elif len(parts) == 1:
-            takers = [i for i, c in enumerate(commands) if c in specs and specs[c].key_for(head)]
-            if not takers:
-                names = {k for c in commands if c in specs for k in specs[c].options}
-                problems.append(Problem(where, f"no step of this recipe takes '{head}'{suggest(head, names)}"))
-            for i in takers:
-                put(i, head, value, raw)
-        else:
-            problems.append(Problem(where, "expected steps.N.key, COMMAND.key or key"
-                                           f"{suggest(head, [*commands, 'steps'])}"))
+        if len(parts) == 1 and parts[0] in ("name", "description"):
+            doc[parts[0]] = value
+            continue
+        targets, problem = _set_steps(parts, commands, specs)
+        if problem:
+            problems.append(Problem(f"--set {'.'.join(parts)}", problem))
+        for i, key in targets:
+            spec = specs.get(commands[i])
+            canonical = spec.key_for(key) if spec else None
+            per_step[i][key] = layers.text_for(spec.options[canonical], value, raw) if canonical else value
     return per_step
 
 
+@dataclass
+class _Chain:
+    """What resolving the steps in order carries from one step to the next."""
+
+    problems: list[Problem]
+    latest_output: tuple[int, str] | None = None  # (step, folder) a step without `model` reads
+    outputs: dict[str, int] = field(default_factory=dict)  # resolved folder -> the step writing it
+
+
+def _chained_model(chain: _Chain, spec: CommandSpec, layers_given: list[dict], where: str
+                   ) -> tuple[dict[str, Any], int | None]:
+    """A step that names no model reads the latest earlier output: ({"model": it}, its step)."""
+    if "model" not in spec.options or any("model" in layer for layer in layers_given):
+        return {}, None
+    if chain.latest_output is None:
+        chain.problems.append(Problem(f"{where}.model", "is required: no earlier step writes an output to take "
+                                                        "it from"))
+        return {}, None
+    step, folder = chain.latest_output
+    return {"model": folder}, step
+
+
+def _resolve_step(chain: _Chain, i: int, command: str, spec: CommandSpec, given: list[dict]) -> Step:
+    """One step's options: defaults < chained model < recipe < --set < flags, checked against its schema."""
+    where = f"steps.{i}.{command}"
+    layers_given = []
+    for layer in given:
+        canonical, bad = canonical_keys(spec, layer, where, RUN_CONTROLLED)
+        layers_given.append(canonical)
+        chain.problems += bad
+    chain_layer, model_from = _chained_model(chain, spec, layers_given, where)
+    options, bad = check_values(spec, layers.resolve(spec, chain_layer, *layers_given), where)
+    chain.problems += [p for p in bad if p.where not in {q.where for q in chain.problems}]  # a missing model: once
+    options = {k: v for k, v in options.items() if k not in RUN_CONTROLLED}
+    step = Step(index=i, command=command, options=options, spec=spec, model_from=model_from)
+    if step.output:
+        key = str(Path(step.output).expanduser().resolve())
+        if key in chain.outputs:
+            chain.problems.append(Problem(f"{where}.output", f"steps.{chain.outputs[key]} writes the same folder"))
+        chain.outputs[key] = i
+        chain.latest_output = (i, step.output)
+    return step
+
+
 def plan_from_document(doc: Any, source: str, sets: list[str] = (), flags: list[str] = ()) -> Plan:
+    """A parsed recipe -> a validated plan; raise RecipeInvalid listing every problem."""
     problems: list[Problem] = []
     steps = _steps_of(doc, problems)
     specs = command_specs()
@@ -228,45 +285,18 @@ def plan_from_document(doc: Any, source: str, sets: list[str] = (), flags: list[
     flag_layers, bad = layers.parse_flags(list(flags), used, own_flags=("--set", "--dry-run", "--force",
                                                                          "--json", "--config"))
     problems += bad
-
+    chain = _Chain(problems)
     plan_steps: list[Step] = []
-    latest_output: tuple[int, str] | None = None
-    outputs: dict[str, int] = {}
     for i, (command, given) in enumerate(steps):
-        where = f"steps.{i}.{command}"
         spec = specs.get(command)
         if spec is None:
             if command:
-                known = ", ".join(specs)
                 problems.append(Problem(f"steps.{i}", f"unknown command '{command}'{suggest(command, specs)}; "
-                                                      f"this lowrank has: {known}"))
-            latest_output = None  # a later step cannot know what an unknown step writes
+                                                      f"this lowrank has: {', '.join(specs)}"))
+            chain.latest_output = None  # a later step cannot know what an unknown step writes
             continue
-        recipe_layer, bad = canonical_keys(spec, given, where, RUN_CONTROLLED)
-        set_layer, bad2 = canonical_keys(spec, per_step_sets[i], where, RUN_CONTROLLED)
-        flag_layer, bad3 = canonical_keys(spec, flag_layers.get(command, {}), where, RUN_CONTROLLED)
-        problems += bad + bad2 + bad3
-        chain_layer: dict[str, Any] = {}
-        model_from = None
-        explicit_model = any("model" in layer for layer in (recipe_layer, set_layer, flag_layer))
-        if "model" in spec.options and not explicit_model:
-            if latest_output is None:
-                problems.append(Problem(f"{where}.model", "is required: no earlier step writes an output "
-                                                          "to take it from"))
-            else:
-                model_from, chain_layer["model"] = latest_output
-        merged = layers.resolve(spec, chain_layer, recipe_layer, set_layer, flag_layer)
-        options, bad = check_values(spec, merged, where)
-        problems += [p for p in bad if p.where not in {q.where for q in problems}]  # a missing model: once
-        options = {k: v for k, v in options.items() if k not in RUN_CONTROLLED}
-        step = Step(index=i, command=command, options=options, spec=spec, model_from=model_from)
-        if step.output:
-            key = str(Path(step.output).expanduser().resolve())
-            if key in outputs:
-                problems.append(Problem(f"{where}.output", f"steps.{outputs[key]} writes the same folder"))
-            outputs[key] = i
-            latest_output = (i, step.output)
-        plan_steps.append(step)
+        layers_given = [given, per_step_sets[i], flag_layers.get(command, {})]
+        plan_steps.append(_resolve_step(chain, i, command, spec, layers_given))
     if problems:
         raise RecipeInvalid(source, problems)
     return Plan(source=source, name=doc.get("name"), description=doc.get("description"), steps=plan_steps)

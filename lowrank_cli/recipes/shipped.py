@@ -1,7 +1,9 @@
-"""The recipes shipped inside the package (`lowrank_cli/recipes/*.yaml`, installed as package data).
+"""The shipped recipes: `recipes/*.yaml` at the top of the repository, where users browse and copy them.
 
-A recipe argument is a file path first; failing that, the name of a shipped recipe, with or without
-`.yaml` (`lowrank run demo` works from any folder once the package is installed).
+Wheels carry them inside the package as `lowrank_cli/recipes/shipped/*.yaml` (a build step in setup.py);
+a source checkout or an editable install reads the repository's folder. A recipe argument is a file path
+first; failing that, the name of a shipped recipe, with or without `.yaml` (`lowrank run demo` works from
+any folder).
 """
 
 from __future__ import annotations
@@ -9,16 +11,22 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["shipped", "locate", "header_command"]
+__all__ = ["shipped", "locate", "header_command", "recipes_folder"]
+
+
+def recipes_folder() -> Path | None:
+    """Where the shipped recipes are: inside the installed package, else the source checkout's recipes/."""
+    packaged = Path(str(resources.files("lowrank_cli.recipes"))) / "shipped"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "recipes"
+    return checkout if checkout.is_dir() else None
 
 
 def shipped() -> dict[str, Path]:
     """Name -> path of every shipped recipe, sorted by name."""
-    folder = resources.files("lowrank_cli.recipes")
-    found = {}
-    for entry in folder.iterdir():
-        if entry.name.endswith(".yaml"):
-            found[entry.name[: -len(".yaml")]] = Path(str(entry))
+    folder = recipes_folder()
+    found = {p.stem: p for p in folder.glob("*.yaml")} if folder is not None else {}
     return dict(sorted(found.items()))
 
 

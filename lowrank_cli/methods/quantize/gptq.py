@@ -17,29 +17,12 @@ Dead inputs (diag(H) = 0: never active in calibration) get H_jj = 1 and weight 0
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from lowrank_cli.methods.quantize.grid import Grid, dequantize, find_params, quantize
+# QuantizedWeight lives with the grid (round-to-nearest returns one too); re-exported here
+from lowrank_cli.methods.quantize.grid import Grid, QuantizedWeight, dequantize, find_params, quantize
 
 __all__ = ["QuantizedWeight", "gptq_quantize", "output_error", "output_errors"]
-
-
-@dataclass
-class QuantizedWeight:
-    """Integer levels and grid of one weight, in the original column order."""
-
-    q: torch.Tensor  # [out, in] int32 levels in [0, 2^bits - 1]
-    scales: torch.Tensor  # [groups, out] float64 (float16-representable)
-    zeros: torch.Tensor  # [groups, out] int32
-    g_idx: torch.Tensor  # [in] int32: group of each input column
-    grid: Grid
-
-    def dequantize(self) -> torch.Tensor:
-        """The float64 weight [out, in] this represents."""
-        g = self.g_idx.long()
-        return self.scales.T[:, g] * (self.q.double() - self.zeros.T[:, g].double())
 
 
 class NotPositiveDefinite(ValueError):

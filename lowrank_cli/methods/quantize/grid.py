@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Grid", "find_params", "quantize", "dequantize", "rtn_quantize"]
+__all__ = ["Grid", "QuantizedWeight", "find_params", "quantize", "dequantize", "rtn_quantize"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,22 @@ class Grid:
 
     def groups(self, columns: int) -> int:
         return 1 if self.group_size == -1 else -(-columns // self.group_size)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer levels and grid of one weight, in the original column order."""
+
+    q: torch.Tensor  # [out, in] int32 levels in [0, 2^bits - 1]
+    scales: torch.Tensor  # [groups, out] float64 (float16-representable)
+    zeros: torch.Tensor  # [groups, out] int32
+    g_idx: torch.Tensor  # [in] int32: group of each input column
+    grid: Grid
+
+    def dequantize(self) -> torch.Tensor:
+        """The float64 weight [out, in] this represents."""
+        g = self.g_idx.long()
+        return self.scales.T[:, g] * (self.q.double() - self.zeros.T[:, g].double())
 
 
 def find_params(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +90,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 def rtn_quantize(weight: torch.Tensor, grid: Grid):
     """Round-to-nearest baseline, same grid and output as `gptq.gptq_quantize` (no data, no error feedback)."""
-    from lowrank_cli.methods.quantize.gptq import QuantizedWeight
-
     w = weight.detach().double()
     rows, cols = w.shape
     gs = cols if grid.group_size == -1 else grid.group_size

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lowrank_cli.methods.quantize.gptq import QuantizedWeight
-from lowrank_cli.methods.quantize.grid import Grid
+from lowrank_cli.methods.quantize.grid import Grid, QuantizedWeight
 
 __all__ = ["pack", "unpack", "pack_bits", "unpack_bits", "packable", "SUPPORTED_BITS"]
 

@@ -9,6 +9,7 @@ suggestion (exit 2, all problems at once), and `layers.resolve` merges: defaults
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Any
 
 import typer
@@ -21,19 +22,30 @@ except ImportError:  # pragma: no cover - older typer
     from click import exceptions as click_errors
     from click.core import ParameterSource
 
-from lowrank_cli.recipes.schema import CONFIG_KEY
+from lowrank_cli.api.options.fields import OptionSpec, unwrap_annotation
+from lowrank_cli.cli.commands import SPECS_ATTRIBUTE
+from lowrank_cli.recipes.schema import CommandSpec
 
-__all__ = ["ConfigGroup", "add_config_option", "ConfigError"]
+__all__ = ["ConfigGroup", "add_config_option", "ConfigError", "CONFIG_KEY"]
 
+CONFIG_KEY = "config"  # the --config option itself: never a key
 _META = "lowrank.config"
 
 
 class ConfigError(click_errors.UsageError):
     """A bad --config file: every problem on its own line (exit 2)."""
 
-    def __init__(self, path: str, problems: list):
+    def __init__(self, path: str, problems: list, *, one_line: bool = False):
         lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"--config {path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}\n{lines}")
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        # a file that cannot be read at all is one problem, said in one line
+        super().__init__(f"--config {path}: {problems[0]}" if one_line else f"--config {path}: {count}\n{lines}")
+
+    def show(self, file=None) -> None:
+        """As every other error of ours: `error: ...`, no usage block (the command line was fine)."""
+        import sys
+
+        (file or sys.stderr).write(f"error: {self.format_message()}\n")
 
 
 def _config_param():
@@ -52,16 +64,23 @@ def _config_param():
     return param
 
 
-def _read_mapping(path: str, command_name: str) -> dict:
+def _read_document(path: str) -> Any:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as handle:
-            doc = yaml.safe_load(handle)
+            return yaml.safe_load(handle)
     except OSError as exc:
-        raise ConfigError(path, [f"cannot read: {exc.strerror or exc}"]) from None
+        raise ConfigError(path, [f"cannot read: {exc.strerror or exc}"], one_line=True) from None
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        raise ConfigError(path, [problem], one_line=True) from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, [f"not valid YAML/JSON: {exc}"]) from None
+
+
+def _read_mapping(path: str, command_name: str) -> dict:
+    doc = _read_document(path)
     if isinstance(doc, dict) and isinstance(doc.get("steps"), list):  # a recipe: take this command's step
         mine = [s[command_name] for s in doc["steps"] if isinstance(s, dict) and command_name in s]
         if len(mine) != 1:
@@ -75,13 +94,37 @@ def _read_mapping(path: str, command_name: str) -> dict:
     return doc
 
 
+def _click_specs(command) -> list[OptionSpec]:
+    """The keys of a hand-written command (`run`), from its click parameters."""
+    specs = []
+    for param in command.params:
+        if not param.expose_value or param.name == CONFIG_KEY:
+            continue
+        is_argument = param.param_type_name == "argument"
+        longs = [f[2:].replace("-", "_") for f in param.opts if f.startswith("--")]
+        default = param.default() if callable(param.default) else param.default
+        base, is_list = unwrap_annotation(getattr(param.type_descriptor, "annotation", str))  # Typer's own
+        specs.append(OptionSpec(
+            key=param.name if is_argument or not longs else longs[0], param=param.name, is_argument=is_argument,
+            flags=() if is_argument else tuple(param.opts), off_flag=next(iter(param.secondary_opts), None),
+            base=base, is_list=is_list, required=bool(param.required), aliases=tuple(longs[1:]),
+            default=list(default) if is_list and isinstance(default, tuple) else default))
+    return specs
+
+
+def command_spec(name: str, command) -> CommandSpec:
+    """What a --config file is checked against: a job's generated specs, or a hand-written command's."""
+    specs = getattr(inspect.unwrap(command.callback), SPECS_ATTRIBUTE, None)
+    return CommandSpec.of(name, specs if specs is not None else _click_specs(command))
+
+
 def _load_config(ctx, param, value):
     """Eager: read and key-check the file before the other parameters are processed; a required argument
     (MODEL) given only in the file reaches click through the context's default map."""
     if value is None or ctx.resilient_parsing:
         return value
     from lowrank_cli.recipes.layers import resolve
-    from lowrank_cli.recipes.schema import canonical_keys, check_values, command_spec
+    from lowrank_cli.recipes.schema import canonical_keys, check_values
 
     spec = command_spec(ctx.info_name or ctx.command.name, ctx.command)
     given, problems = canonical_keys(spec, _read_mapping(value, spec.name))
@@ -104,7 +147,7 @@ def _with_config(command, callback):
         if _META not in ctx.meta:
             return callback(**kwargs)
         from lowrank_cli.recipes.layers import resolve
-        from lowrank_cli.recipes.schema import check_values, command_spec
+        from lowrank_cli.recipes.schema import check_values
 
         path, config = ctx.meta[_META]
         spec = command_spec(ctx.info_name or command.name, command)
@@ -114,39 +157,15 @@ def _with_config(command, callback):
         values, problems = check_values(spec, resolve(spec, config, flags))
         if problems:
             raise ConfigError(path, problems)
-        return callback(**{o.param: _to_python(o, values[k]) for k, o in spec.options.items()})
+        return callback(**{o.param: values[k] for k, o in spec.options.items()})
 
     invoke.__wrapped__ = callback
     return invoke
 
 
 def _to_plain(value):
-    """What click parsed (Enum members, Paths, tuples) -> the plain values the schema checks."""
-    import enum
-    from pathlib import PurePath
-
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, PurePath):
-        return str(value)
-    return value
-
-
-def _to_python(spec, value):
-    """Schema values (plain YAML types) -> what the command function receives from click."""
-    import enum
-    from pathlib import Path
-
-    convert = None
-    if isinstance(spec.base, type) and issubclass(spec.base, enum.Enum):
-        convert = spec.base
-    elif spec.base is Path:
-        convert = Path
-    if convert is None or value is None:
-        return value
-    return [convert(v) for v in value] if spec.is_list else convert(value)
+    """What click parsed (tuples for repeated options) -> the plain values the schema checks."""
+    return [_to_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def click_context():

@@ -1,0 +1,124 @@
+"""`CompressOptions`: every knob of a compress run."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from lowrank_cli.api.options import common
+from lowrank_cli.api.options.fields import DATA_PANEL, OUTPUT_PANEL, RUNTIME_PANEL, option, parse_fraction
+from lowrank_cli.errors import UsageError
+from lowrank_cli.methods.compress.plan import DEFAULT_FAMILIES, FAMILIES
+
+__all__ = ["CompressOptions"]
+
+TARGET, SEARCH = "Target", "Search"
+
+
+def parse_list(text: Any, cast=str, flag: str = "value") -> list | None:
+    """'8,4,3' -> [8, 4, 3] (a list given by the library passes through)."""
+    if text is None or isinstance(text, list):
+        return text
+    try:
+        return [cast(p.strip()) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes a comma-separated list, got '{text}'") from None
+
+
+@dataclass
+class CompressOptions:
+    """Every knob of a compress run; defaults are the recommended setting."""
+
+    output: str | None = common.output()
+    # a fraction (0.05 = 5%); the default budget (1%) when no target is given
+    target_ppl_increase: float | None = option(
+        None, parse=functools.partial(parse_fraction, flag="--target-ppl-increase"), panel=TARGET,
+        help="Largest allowed eval perplexity increase, e.g. 1% or 0.01 (default 1%): the smallest candidate "
+        "within it wins.")
+    target_size: str | None = option(None, panel=TARGET, help="Largest weight size: bytes (60MB, 1.5GB) or a "
+                                     "fraction of the input's (0.3, 30%): the best eval perplexity within it wins.")
+    families: list[str] | None = option(
+        None, parse=functools.partial(parse_list, flag="--families"), panel=SEARCH,
+        help="Comma-separated: gptq, factorize-gptq, gptq-lr, factorize. Default: the first three.")
+    bits: list[int] | None = option(None, parse=functools.partial(parse_list, cast=int, flag="--bits"),
+                                    panel=SEARCH, help="GPTQ bit widths tried (default 8,4,3,2).")
+    keeps: list[float] | None = option(
+        None, parse=functools.partial(parse_list, cast=float, flag="--keeps"), panel=SEARCH,
+        help="Kept fractions of the targeted parameters tried by the factorizing families (default 0.9,0.8).")
+    correction_rank: int = option(32, panel=SEARCH, help="Rank of gptq-lr's low-rank correction.")
+    group_size: int = option(128, panel=SEARCH, help="GPTQ group size (-1: per channel).")
+    sym: bool = option(False, negatable=True, panel=SEARCH, help="Symmetric GPTQ grid.")
+    act_order: bool = option(True, negatable=True, panel=SEARCH, help="GPTQ activation order.")
+    damp: float = option(0.01, panel=SEARCH, help="Gram damping, a fraction of its mean diagonal.")
+    allocation: str = option("error", panel=SEARCH, help="Ranks of the factorizing families: error (output "
+                             "error curves) or uniform.")
+    # each candidate calibrated on its own changed upstream: one calibration stream per candidate (slower)
+    sequential: bool = option(False, negatable=True, panel=SEARCH, help="Calibrate each candidate on its own "
+                              "compressed upstream (slower). Default: every candidate from the input's Grams.")
+    heal_steps: int = option(0, panel=SEARCH, help="LoRA healing steps on the chosen candidate and smaller near "
+                             "misses (0: none); measured like every candidate.")
+    calib: str | None = option(None, panel=DATA_PANEL, help="Calibration text. Default: a stdlib part disjoint "
+                               "from the eval and test text.")
+    calib_samples: int = option(16, panel=DATA_PANEL, help="Calibration windows.")
+    calib_seq_len: int = option(512, flags=("--seq-len",), panel=DATA_PANEL, help="Tokens per window.")
+    eval_data: str | None = option(None, flags=("--data", "--eval-data"), panel=DATA_PANEL,
+                                   help="Eval text (what the choice reads). Default: held-out stdlib code.")
+    eval_tokens: int = option(4096, panel=DATA_PANEL, help="Eval tokens.")
+    test_data: str | None = common.test_data()
+    test_tokens: int = common.test_tokens()
+    text_field: str = common.text_field()
+    max_shard_size: str = common.max_shard_size()
+    overwrite: bool = common.overwrite()
+    dry_run: bool = option(False, panel=OUTPUT_PANEL, help="Print the candidates, their exact sizes and the cost "
+                           "estimate; run and write nothing.")
+    device: str = common.device()
+    dtype: str = common.dtype()
+    batch_size: int = common.batch_size()
+    offload_dir: str | None = option(None, panel=RUNTIME_PANEL, help="Keep activations on disk here.")
+    seed: int = common.seed()
+
+    def budget_kind(self) -> str:
+        if self.target_ppl_increase is not None and self.target_size is not None:
+            raise UsageError("give one target: --target-ppl-increase (smallest model within a quality budget) "
+                             "or --target-size (best quality within a size), not both")
+        return "target_size" if self.target_size is not None else "target_ppl_increase"
+
+    def validate(self) -> None:
+        self.budget_kind()
+        if self.target_ppl_increase is not None and not 0 < self.target_ppl_increase < 1:
+            raise UsageError(f"--target-ppl-increase must be in (0%, 100%), got {self.target_ppl_increase:.4g}")
+        unknown = [f for f in (self.families or []) if f not in FAMILIES]
+        if unknown:
+            raise UsageError(f"unknown family '{unknown[0]}' (choose from {', '.join(FAMILIES)})")
+        if self.families is not None and not self.families:
+            raise UsageError("--families names no family")
+        bad_bits = [b for b in (self.bits or []) if b not in (2, 3, 4, 8)]
+        if bad_bits:
+            raise UsageError(f"--bits {bad_bits[0]} is not supported (choose from 2, 3, 4, 8)")
+        bad_keeps = [k for k in (self.keeps or []) if not 0 < k < 1]
+        if bad_keeps:
+            raise UsageError(f"--keeps {bad_keeps[0]} must be a fraction in (0, 1)")
+        if self.allocation not in ("error", "uniform"):
+            raise UsageError(f"unknown --allocation '{self.allocation}' (choose error, uniform)")
+        for name in ("calib_samples", "eval_tokens", "test_tokens", "batch_size", "correction_rank"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.heal_steps < 0:
+            raise UsageError("--heal-steps must be >= 0")
+        if self.group_size != -1 and self.group_size < 1:
+            raise UsageError(f"--group-size must be positive or -1, got {self.group_size}")
+        if not self.dry_run and not self.output:
+            raise UsageError("an output folder is required: -o/--output OUT")
+        if self.heal_steps:
+            _require_heal_extras()
+
+    def chosen_families(self) -> list[str]:
+        return list(self.families or DEFAULT_FAMILIES)
+
+
+def _require_heal_extras() -> None:
+    from importlib.util import find_spec
+
+    if find_spec("peft") is None:
+        raise UsageError("--heal-steps needs peft (pip install 'lowrank-cli[peft]')")

@@ -1,0 +1,118 @@
+"""`DecomposeOptions`: every knob of a decompose run."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from lowrank_cli.api.options import common
+from lowrank_cli.api.options.fields import (
+    DATA_PANEL,
+    OUTPUT_PANEL,
+    RUNTIME_PANEL,
+    option,
+    parse_fraction,
+    parse_patterns,
+)
+from lowrank_cli.errors import UsageError
+
+__all__ = ["DecomposeOptions", "METHODS", "ALLOCATIONS", "FORMATS"]
+
+METHODS = ("lord", "svd")
+ALLOCATIONS = ("fisher", "error", "uniform")
+FORMATS = ("factorized", "dense")
+BUDGET, METHOD = "Budget", "Method"
+
+
+@dataclass
+class DecomposeOptions:
+    """Every knob of a decompose run; defaults are the recommended setting."""
+
+    output: str | None = common.output()
+    # a fraction, 0.01 = 1%; the default budget when none is given
+    target_ppl_increase: float | None = option(
+        None, parse=functools.partial(parse_fraction, flag="--target-ppl-increase"), panel=BUDGET,
+        help="Largest allowed perplexity increase on held-out text, e.g. 1% or 0.01. Searches for the smallest "
+        "model that meets it.")
+    params_ratio: float | None = option(None, panel=BUDGET, help="Fraction of the targeted layers' parameters "
+                                        "to keep, in (0, 1].")
+    rank: int | None = option(None, panel=BUDGET, help="One rank for every targeted layer.")
+    method: str = option("lord", panel=METHOD, help="lord: factors minimizing the output error ||(W - W')X|| "
+                         "on calibration text; svd: weights only.")
+    # module-name patterns; None = every linear in the decoder blocks
+    targets: list[str] | None = option(
+        None, parse=parse_patterns, panel=METHOD, help="Comma-separated module-name patterns "
+        "(globs; a bare name like c_fc matches it in every block). Default: every linear layer inside the "
+        "decoder blocks.")
+    allocation: str = option("fisher", panel=METHOD, help="fisher: ranks where the loss cares least (one "
+                             "streamed backward pass); error: by output error alone; uniform: the same fraction "
+                             "in every layer.")
+    # ranks rounded to this (tensor-core and kernel friendly)
+    rank_multiple: int = option(8, panel=METHOD, help="Round ranks to a multiple of this.")
+    sequential: bool = option(True, negatable=True, panel=METHOD, help="Calibrate each layer on the outputs of "
+                              "the already compressed layers before it.")
+    damp: float = option(0.01, panel=METHOD, help="Gram damping, a fraction of its mean diagonal.")
+    search_steps: int = option(6, panel=BUDGET, help="Full evaluations the perplexity search may spend.")
+    calib: str | None = option(None, panel=DATA_PANEL, help="Calibration text (same forms as --data). Default: "
+                               "a stdlib part disjoint from the evaluation text.")
+    calib_samples: int = option(16, panel=DATA_PANEL, help="Calibration windows.")
+    calib_seq_len: int = option(512, flags=("--seq-len",), panel=DATA_PANEL,
+                                help="Tokens per calibration and evaluation window.")
+    eval_data: str | None = option(
+        None, flags=("--data", "--eval-data"), panel=DATA_PANEL, help="Evaluation text for the budget. "
+        "Default: held-out stdlib code. If it is the same source as --calib, documents are split so the two "
+        "never overlap.")
+    eval_tokens: int = option(4096, panel=DATA_PANEL, help="Evaluation tokens.")
+    test_data: str | None = common.test_data()
+    test_tokens: int = common.test_tokens()
+    text_field: str = common.text_field()
+    format: str = option("factorized", panel=OUTPUT_PANEL, help="factorized: two matrices per layer, loads "
+                         "with trust_remote_code=True; dense: products multiplied back, a standard checkpoint.")
+    max_shard_size: str = common.max_shard_size()
+    overwrite: bool = common.overwrite()
+    dry_run: bool = option(False, panel=OUTPUT_PANEL, help="Read config and headers only; print the plan and "
+                           "estimates; write nothing.")
+    device: str = common.device()
+    dtype: str = common.dtype()
+    batch_size: int = common.batch_size()
+    offload_dir: str | None = option(None, panel=RUNTIME_PANEL, help="Keep calibration activations on disk "
+                                     "here (long calibration sets).")
+    seed: int = common.seed()
+
+    def budget_kind(self) -> str:
+        given = [k for k in ("target_ppl_increase", "params_ratio", "rank") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise UsageError("give only one budget: --target-ppl-increase, --params-ratio or --rank "
+                             f"(got {', '.join('--' + g.replace('_', '-') for g in given)})")
+        return given[0] if given else "target_ppl_increase"
+
+    def validate(self) -> None:
+        kind = self.budget_kind()
+        if self.method not in METHODS:
+            raise UsageError(f"unknown --method '{self.method}' (choose {', '.join(METHODS)})")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown --allocation '{self.allocation}' (choose {', '.join(ALLOCATIONS)})")
+        if self.format not in FORMATS:
+            raise UsageError(f"unknown --format '{self.format}' (choose {', '.join(FORMATS)})")
+        if kind == "target_ppl_increase" and self.target_ppl_increase is not None and not (
+                0 <= self.target_ppl_increase < 1):
+            raise UsageError(f"--target-ppl-increase must be in [0%, 100%), got "
+                             f"{self.target_ppl_increase:.4g} ({self.target_ppl_increase * 100:.4g}%)")
+        if kind == "params_ratio" and not (0 < self.params_ratio <= 1):
+            raise UsageError(f"--params-ratio must be in (0, 1], got {self.params_ratio}")
+        if kind == "rank" and self.rank < 1:
+            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.rank_multiple < 1:
+            raise UsageError("--rank-multiple must be at least 1")
+        for name in ("calib_samples", "eval_tokens", "test_tokens", "search_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.calib_seq_len < 2:
+            raise UsageError(f"--seq-len must be at least 2, got {self.calib_seq_len}")
+        if self.damp < 0:
+            raise UsageError("--damp must be >= 0")
+        from lowrank_cli.io.writer import parse_size
+
+        parse_size(self.max_shard_size)  # a bad size fails now, not after the compression work
+        if not self.dry_run and not self.output:
+            raise UsageError("an output folder is required: -o/--output OUT")
