@@ -76,6 +76,9 @@ class CompressJob:
         else:
             self.budget["value"] = opts.target_ppl_increase if opts.target_ppl_increase is not None else 0.01
         self.curves = None
+        # name -> [n, seq] windows: further texts every candidate is measured on and reported with (never
+        # read by the choice); benchmarks/frontier.py adds English prose beside the default code
+        self.extra_tests: dict = {}
 
     # -- pricing ---------------------------------------------------------------------------------------------
     def _ranks(self, keep: float) -> dict:
@@ -181,7 +184,8 @@ class CompressJob:
         return result
 
     def _evalsets(self) -> dict:
-        return {"eval": self.windows.eval, "test": self.windows.test}
+        """eval (the choice), test (the report), and any further report-only texts (`extra_tests`)."""
+        return {"eval": self.windows.eval, "test": self.windows.test, **self.extra_tests}
 
     def _profile(self) -> dict:
         """Baseline eval/test perplexity and, for the factorizing families, the layers' error curves."""
@@ -202,9 +206,10 @@ class CompressJob:
             self.curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name]) for t in self.targets]
         log.info("baseline perplexity: eval %.4f, test %.4f", nll["eval"].perplexity, nll["test"].perplexity)
         self.base_rows = {name: v.per_window for name, v in nll.items()}
+        extra = {f"{name}_perplexity": nll[name].perplexity for name in self.extra_tests}
         return {"eval": nll["eval"].perplexity, "test": nll["test"].perplexity, "bytes": self.input_bytes,
                 "eval_tokens": nll["eval"].tokens, "test_tokens": nll["test"].tokens,
-                "calib_tokens": int(self.windows.calib.numel())}
+                "calib_tokens": int(self.windows.calib.numel()), **extra}
 
     def _grid(self, bits: int) -> SimpleNamespace:
         o = self.opts
@@ -301,7 +306,8 @@ class CompressJob:
         row.update(tensor_bytes=tensor_bytes, bytes=size, bits_per_weight=size * 8 / self.params,
                    eval_perplexity=ev, test_perplexity=te, eval_increase=ev / self.baseline["eval"] - 1,
                    test_increase=te / self.baseline["test"] - 1, eval_increase_se=se["eval"],
-                   test_increase_se=se["test"], folder=str(folder))
+                   test_increase_se=se["test"], folder=str(folder),
+                   **{f"{name}_perplexity": nll[name].perplexity for name in self.extra_tests})
         log.info("%-28s %8.2f MiB  eval %.4f (%+.2f%%)  test %.4f", row["label"], size / 2**20, ev,
                  row["eval_increase"] * 100, te)
         return row

@@ -19,7 +19,6 @@ of W X^T, so the small tail that decides the error at high rank needs the extra 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor
 
 from lowrank_cli.engine.calibration import accumulate_gram  # re-exported: part of this module's API
 from lowrank_cli.errors import RuntimeFailure, UsageError
+from lowrank_cli.utils.threads import single_thread_upto
 
 __all__ = [
     "Spectrum",
@@ -38,29 +38,6 @@ __all__ = [
     "svd_factors",
     "relative_error",
 ]
-
-# Up to this size a CPU eigh/svd runs single-threaded (see _lapack_threads).
-_LAPACK_SINGLE_THREAD_MAX = 4096
-
-
-@contextmanager
-def _lapack_threads(t: Tensor):
-    """One thread for CPU eigen/singular-value decompositions of moderate size.
-
-    LAPACK's eigh/svd synchronise their threads many times per call; on a busy machine (CI runners, a
-    second job on the same cores) a spinning OpenMP team waits for a core at every barrier, and a 576 x 576
-    eigh measured 2.4 s with 2 threads against 0.17 s with one. Large matrices still get every thread.
-    """
-    if t.device.type != "cpu" or t.shape[-1] > _LAPACK_SINGLE_THREAD_MAX:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 @dataclass
 class Spectrum:
@@ -153,16 +130,16 @@ def data_spectrum(weight: Tensor, gram: Tensor, damp: float = 0.0) -> Spectrum:
     if m <= n:
         # m x m problem: cost ~ m n^2 to form, m^3 to decompose.
         cov = w @ g @ w.T
-        with _lapack_threads(cov):
+        with single_thread_upto(cov):
             vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))
         vals, vecs = vals.flip(0), vecs.flip(1)
     else:
         # n x n problem: W S with S = G'^{1/2} = V diag(sqrt(lam)) V^T. The trailing V^T is
         # orthogonal and leaves the left singular vectors alone, so W V diag(sqrt(lam)) is enough.
-        with _lapack_threads(g):
+        with single_thread_upto(g):
             lam, v = torch.linalg.eigh(g)
         ws = (w @ v) * lam.clamp_min(0.0).sqrt()
-        with _lapack_threads(g):
+        with single_thread_upto(g):
             vecs, s, _ = torch.linalg.svd(ws, full_matrices=False)
         vals = s.square()
     # Round-off can leave tiny negative eigenvalues; energies are >= 0 by definition.
@@ -181,7 +158,7 @@ def weight_spectrum(weight: Tensor) -> Spectrum:
     """
     _check_weight(weight)
     w = weight.to(torch.float64)
-    with _lapack_threads(w if w.shape[0] >= w.shape[1] else w.T):
+    with single_thread_upto(w if w.shape[0] >= w.shape[1] else w.T):
         u, s, _ = torch.linalg.svd(w, full_matrices=False)
     vals = s.square()
     return Spectrum(vals, u.contiguous(), float(vals.sum()))

@@ -21,6 +21,7 @@ import torch
 
 # QuantizedWeight lives with the grid (round-to-nearest returns one too); re-exported here
 from lowrank_cli.methods.quantize.grid import Grid, QuantizedWeight, dequantize, find_params, quantize
+from lowrank_cli.utils.threads import single_thread_upto
 
 __all__ = ["QuantizedWeight", "gptq_quantize", "output_error", "output_errors"]
 
@@ -32,6 +33,13 @@ class NotPositiveDefinite(ValueError):
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128) -> QuantizedWeight:
     """Quantize `weight` [out, in] given the input Hessian `hessian` [in, in] (any positive scale)."""
+    # The column loop is thousands of small operations: one thread (see utils/threads.py)
+    with single_thread_upto(weight, limit=8192):
+        return _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float, act_order: bool,
+          block_size: int) -> QuantizedWeight:
     W = weight.detach().to(torch.float64).clone()
     H = hessian.detach().to(torch.float64).clone()
     rows, cols = W.shape
