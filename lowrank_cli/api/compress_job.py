@@ -223,8 +223,8 @@ class CompressJob:
         from lowrank_cli.methods.quantize.modifier import Quantize
 
         o = self.opts
-        quantize = Quantize(Grid(spec.bits, o.group_size, o.sym), damp=o.damp, act_order=o.act_order) \
-            if spec.bits is not None else None
+        quantize = Quantize(Grid(spec.bits, o.group_size, o.sym), damp=o.damp, act_order=o.act_order,
+                            compare_rtn=False) if spec.bits is not None else None
         if spec.family == "gptq":
             return quantize
         if spec.family == "factorize-gptq":

@@ -23,10 +23,11 @@ log = logging.getLogger("lowrank")
 
 
 def quantize_layer(weight: torch.Tensor, gram: torch.Tensor | None, grid: Grid, *, method: str, damp: float,
-                   act_order: bool):
+                   act_order: bool, compare_rtn: bool = True):
     """(QuantizedWeight, its dequantized float64 weight, report) for one layer. `gram` = X^T X of its
-    calibration inputs (None for rtn)."""
-    rtn = rtn_quantize(weight, grid)
+    calibration inputs (None for rtn). `compare_rtn` adds round-to-nearest's output error on the same grid
+    to the report (a reference for `quantize`; compress, which reports perplexities, skips its cost)."""
+    rtn = rtn_quantize(weight, grid) if compare_rtn or method == "rtn" else None
     if method == "rtn":
         qw = rtn
     else:
@@ -37,8 +38,10 @@ def quantize_layer(weight: torch.Tensor, gram: torch.Tensor | None, grid: Grid, 
             qw = gptq_quantize(weight, gram, grid, damp=max(10 * damp, 0.1), act_order=act_order)
     report = {"shape": list(weight.shape)}
     deq = qw.dequantize()
-    if gram is not None:
+    if gram is not None and rtn is not None:
         report["output_error"], report["rtn_output_error"] = output_errors(weight, [deq, rtn.dequantize()], gram)
+    elif gram is not None:
+        report["output_error"] = output_errors(weight, [deq], gram)[0]
     report["weight_error"] = float((weight.double() - deq).square().sum()
                                    / weight.double().square().sum().clamp(min=1e-300))
     return qw, deq, report
@@ -60,15 +63,17 @@ class Quantize(Modifier):
 
     product_dtype = torch.float32  # GPTQ's 1% damping is far above float32 product rounding (2x faster)
 
-    def __init__(self, grid: Grid, *, method: str = "gptq", damp: float = 0.01, act_order: bool = True):
+    def __init__(self, grid: Grid, *, method: str = "gptq", damp: float = 0.01, act_order: bool = True,
+                 compare_rtn: bool = True):
         self.grid, self.method, self.damp, self.act_order = grid, method, damp, act_order
+        self.compare_rtn = compare_rtn
         self.needs_data = method != "rtn"
         self.packed: dict[str, dict] = {}
 
     def quantize(self, module, name: str, gram: torch.Tensor | None) -> dict:
         """Quantize one linear in place; its packed tensors are kept under `name` (local to the block)."""
         qw, deq, report = quantize_layer(module.weight.detach(), gram, self.grid, method=self.method,
-                                         damp=self.damp, act_order=self.act_order)
+                                         damp=self.damp, act_order=self.act_order, compare_rtn=self.compare_rtn)
         with torch.no_grad():
             module.weight.copy_(deq.to(module.weight.dtype))
         self.packed[name] = pack(qw)
