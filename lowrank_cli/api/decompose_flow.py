@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from lowrank_cli.io.manifest import write_manifest
 from lowrank_cli.io.output import OutputDir
 from lowrank_cli.io.verify import verify_checkpoint
 from lowrank_cli.io.writer import ShardWriter, parse_size
+from lowrank_cli.utils.memory import peak_rss_bytes
 
 log = logging.getLogger("lowrank")
 
@@ -219,7 +219,7 @@ def run(model: str, path: Path, ckpt, opts, progress):
         perplexity = {"baseline": baseline, "final": final_ppl, "increase": final_ppl / baseline - 1,
                       "eval_tokens": outcome.nll.tokens, "calib_tokens": int(calib.numel())}
         memory["peak_resident_param_bytes"] = streamed.peak_resident_bytes
-        memory["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        memory["peak_rss_bytes"] = peak_rss_bytes()
         result = DecomposeResult(output=str(out.target), dry_run=False, params=params, perplexity=perplexity,
                                  ranks=factored, dense_layers=[t.name for t in targets if t.name not in factored],
                                  evaluations=evaluations, timings_s=timer.seconds, **base)

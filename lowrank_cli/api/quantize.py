@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import shutil
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
 from lowrank_cli.io.resolve import resolve_model
 from lowrank_cli.result import Result
+from lowrank_cli.utils.memory import peak_rss_bytes
 from lowrank_cli.utils.progress import Progress
 
 __all__ = ["QuantizeOptions", "QuantizeResult", "quantize", "METHODS", "BITS"]
@@ -247,7 +247,7 @@ def _run(model, path, ckpt, opts: QuantizeOptions, progress) -> QuantizeResult:
                  "measure": "mean over layers of ||(W - Q) X||^2 / ||W X||^2 on the calibration inputs"}
         size = {"before": ckpt.total_bytes(), "after": Checkpoint(tmp).total_bytes()}
         memory = {"peak_resident_param_bytes": streamed.peak_resident_bytes,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                  "peak_rss_bytes": peak_rss_bytes()}
         result = QuantizeResult(model=model, output=str(out.target), method=opts.method, bits=opts.bits,
                                 group_size=opts.group_size, sym=opts.sym, act_order=opts.act_order,
                                 factorized=factorized, layers=len(outcome.layers), size=size,

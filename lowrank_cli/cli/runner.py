@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,28 @@ from lowrank_cli.errors import LowrankError
 from lowrank_cli.result import RESULT_SCHEMA
 from lowrank_cli.utils.streams import stdout_to_stderr
 
-__all__ = ["GlobalState", "STATE", "run", "json_error"]
+__all__ = ["GlobalState", "STATE", "run", "json_error", "Terminated"]
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM (CI cancellation, timeouts, `docker stop`): like Ctrl-C, it
+    unwinds every `with` block, so temporary output folders are removed, then the process exits 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -142,19 +165,24 @@ def run(command: str, job: Callable, *, json_mode: bool) -> None:
     if console is not None:  # log lines print above the live bars instead of through them
         logging.getLogger("lowrank").handlers[0].stream = _ConsoleStream(console)
     log = logging.getLogger("lowrank")
+    from lowrank_cli.io.output import release_locks
+
     try:
         # libraries that print banners (gptqmodel does when a GPTQ model loads) must not break the JSON
-        with stdout_to_stderr() if json_mode else contextlib.nullcontext():
+        with _sigterm_unwinds(), stdout_to_stderr() if json_mode else contextlib.nullcontext():
             result = job(progress)
     except LowrankError as exc:
         _fail(command, exc.kind, exc.message, exc.exit_code, exc.hint, json_mode, exc)
     except KeyboardInterrupt:
         _fail(command, "interrupted", "interrupted", 130, None, json_mode, None)
+    except Terminated:
+        _fail(command, "terminated", "terminated (SIGTERM); nothing was written", 143, None, json_mode, None)
     except typer.Exit:
         raise
     except Exception as exc:  # anything unexpected: still one line unless -v
         _fail(command, "runtime", f"{type(exc).__name__}: {exc}", 1, None, json_mode, exc)
     finally:
+        release_locks()  # a run that failed before its output folder was made still held the output's lock
         close = getattr(progress, "close", None)
         if close:
             close()
