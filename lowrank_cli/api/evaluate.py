@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from lowrank_cli.api.common import check_device, load_tokenizer, text_windows
 from lowrank_cli.data.windows import fingerprint
 from lowrank_cli.engine.streamed import resolve_dtype
+from lowrank_cli.errors import UsageError
 from lowrank_cli.eval.perplexity import nll_full, nll_streamed
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.resolve import resolve_model
@@ -41,6 +42,9 @@ def evaluate(model: str, *, data: str | None = None, text_field: str = "text", s
     path = resolve_model(model)
     check_device(device)
     ckpt = Checkpoint(path)
+    if ckpt.max_positions is not None and seq_len > ckpt.max_positions:
+        raise UsageError(f"--seq-len {seq_len} is longer than the {ckpt.max_positions} positions '{model}' has; "
+                         f"use --seq-len {ckpt.max_positions} or less")
     tokenizer = load_tokenizer(path)
     windows = text_windows(tokenizer, data, part="eval", seq_len=seq_len, max_tokens=max_tokens,
                            seed=seed, text_field=text_field)

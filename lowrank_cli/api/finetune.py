@@ -15,6 +15,7 @@ Flow:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -67,7 +68,7 @@ class FinetuneOptions:
     resume: bool = False
     checkpoint_dir: str | None = None  # default: OUT's hidden sibling .OUT.checkpoints
     eval_every: int | None = None
-    max_eval_examples: int = 256
+    max_eval_examples: int | None = None  # None: eval_examples() sizes it to the run
     load_in_4bit: bool = False
     bone_variant: str = "bat"
     lora_pro_mode: str = "efficient"
@@ -98,13 +99,24 @@ class FinetuneOptions:
                              f"(choose {', '.join(LORA_PRO_MODES)})")
         if self.max_seq_len < 2:
             raise UsageError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
-        if self.max_eval_examples < 1:
+        if self.max_eval_examples is not None and self.max_eval_examples < 1:
             raise UsageError("--max-eval-examples must be at least 1")
         if self.max_grad_norm < 0:
             raise UsageError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if self.resume and self.save_every is None:
             log.debug("--resume without --save-every: the resumed run writes no further checkpoints")
         self.loop_config({}).validate()
+
+    def eval_examples(self) -> int:
+        """--max-eval-examples, or by default an eighth of the training examples a --max-steps run sees
+        (8 to 256): the held-out loss is measured before and after training (and every --eval-every steps),
+        and on a short run 256 examples would cost many times the training itself."""
+        if self.max_eval_examples is not None:
+            return self.max_eval_examples
+        if not self.max_steps:
+            return 256
+        seen = self.max_steps * self.batch_size * self.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+        return max(8, min(256, seen // 8))
 
     def adapter_spec(self, targets: list[str]) -> AdapterSpec:
         alpha = self.alpha if self.alpha is not None else (1.0 if self.method == "loldu" else 16.0)
@@ -202,7 +214,7 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
               if opts.max_steps else None)
     data = build_datasets(tokenizer, opts.data, opts.eval_data, text_field=opts.text_field,
                           max_seq_len=opts.max_seq_len, packing=opts.packing, seed=opts.seed,
-                          token_budget=budget, max_eval_examples=opts.max_eval_examples)
+                          token_budget=budget, max_eval_examples=opts.eval_examples())
 
     import torch
 
@@ -213,7 +225,10 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
     spec = opts.adapter_spec(module_names(layers))
     total_params = sum(p.numel() for p in net.parameters())
     torch.manual_seed(opts.seed)  # adapter initialisation
-    net = method.attach(net, spec)
+    from lowrank_cli.utils.third_party import gptqmodel_hidden, has_quantized_layers
+
+    with contextlib.nullcontext() if has_quantized_layers(net) else gptqmodel_hidden():
+        net = method.attach(net, spec)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     optimizer = method.optimizer(net, spec, lr=opts.lr, weight_decay=opts.weight_decay)
 

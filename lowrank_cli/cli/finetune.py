@@ -80,8 +80,10 @@ def finetune_command(
                                              rich_help_panel=DATA)] = 512,
     packing: Annotated[bool, typer.Option("--packing", help="Join examples into full --max-seq-len "
                                           "blocks (no padding).", rich_help_panel=DATA)] = False,
-    max_eval_examples: Annotated[int, typer.Option("--max-eval-examples", help="Held-out examples "
-                                                   "evaluated.", rich_help_panel=DATA)] = 256,
+    max_eval_examples: Annotated[int | None, typer.Option(
+        "--max-eval-examples", help="Held-out examples evaluated (before and after training). Default: an "
+        "eighth of the examples a --max-steps run trains on, 8 to 256; 256 for --epochs runs.",
+        rich_help_panel=DATA, show_default=False)] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAIN)] = 2e-4,
     epochs: opt.EPOCHS = None,
     max_steps: opt.MAX_STEPS = None,

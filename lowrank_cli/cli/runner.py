@@ -84,7 +84,8 @@ def _configure_logging(json_mode: bool) -> None:
     if not STATE.verbose:
         # Optional quantization libraries that transformers imports when installed: torchao warns about
         # its CUDA-only extensions, torch about torchao's pytree registrations. Shown with -v.
-        for noisy in ("torchao", "torch.utils._pytree", "optimum", "gptqmodel"):
+        # bitsandbytes (imported by peft) and its `kernels` loader warn about optional CPU kernels.
+        for noisy in ("torchao", "torch.utils._pytree", "optimum", "gptqmodel", "bitsandbytes", "kernels"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging

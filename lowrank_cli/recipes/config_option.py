@@ -60,6 +60,8 @@ def _read_mapping(path: str, command_name: str) -> dict:
             doc = yaml.safe_load(handle)
     except OSError as exc:
         raise ConfigError(path, [f"cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"not UTF-8 text (byte {exc.start}); save it as UTF-8"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, [f"not valid YAML/JSON: {exc}"]) from None
     if isinstance(doc, dict) and isinstance(doc.get("steps"), list):  # a recipe: take this command's step

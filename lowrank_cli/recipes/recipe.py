@@ -128,7 +128,7 @@ def _read(source: str | Path) -> tuple[str, Any]:
         raise RecipeInvalid(str(source), [Problem("", f"no such file, and no shipped recipe of that name "
                                                       f"(shipped: {names}; see `lowrank recipe ls`)")])
     try:
-        return str(path), yaml.safe_load(path.read_text())
+        return str(path), yaml.safe_load(path.read_bytes())  # bytes: yaml reports bad encodings
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""

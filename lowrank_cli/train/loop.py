@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.io.output import normalize_modes
 from lowrank_cli.train.callbacks import Callback
 from lowrank_cli.train.state_io import (
     PICKLED_STATE_FILES,
@@ -624,6 +625,7 @@ def _save(accelerator, root: Path, run: _Run, callbacks, config: LoopConfig) -> 
         (tmp / STATE_FILE).write_text(json.dumps(state, default=str))
         if callbacks:
             save_callback_states([cb.state_dict() for cb in callbacks], tmp)
+        normalize_modes(tmp)  # safetensors writes 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
