@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from lowrank_cli.errors import UsageError
@@ -86,6 +87,20 @@ def _holder_alive(info: dict) -> bool:
         return False
 
 
+def _read_lock(lock: Path) -> dict | None:
+    """The holder recorded in a lock file; None while its holder is still writing it (a fresh empty file);
+    {} for an unreadable old one (treated as dead)."""
+    try:
+        info = json.loads(lock.read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        try:
+            fresh = time.time() - lock.stat().st_mtime < 5
+        except OSError:
+            fresh = False
+        return None if fresh else {}
+
+
 def _lock(out: Path, shown: str | Path, created: list[Path]) -> None:
     if out in _HELD:
         return
@@ -97,12 +112,10 @@ def _lock(out: Path, shown: str | Path, created: list[Path]) -> None:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
-            try:
-                info = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                info = {}
-            if info and _holder_alive(info):
-                raise UsageError(f"output '{shown}' is being written by another lowrank run (pid {info['pid']}); "
+            info = _read_lock(lock)
+            if info is None or _holder_alive(info):
+                pid = info["pid"] if info else "?"
+                raise UsageError(f"output '{shown}' is being written by another lowrank run (pid {pid}); "
                                  "wait for it to finish or choose another folder") from None
             lock.unlink(missing_ok=True)  # its holder died: take it over
             continue
@@ -120,13 +133,13 @@ def _lock(out: Path, shown: str | Path, created: list[Path]) -> None:
 def _remove_stale_temporaries(out: Path) -> None:
     """Holding the lock, no other run writes OUT: its leftover temporary folders are from killed runs."""
     mine = {f".{out.name}.tmp-{os.getpid()}", f".{out.name}.old-{os.getpid()}"}
-    for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
-        for stale in out.parent.glob(prefix + "*"):
-            if stale.name in mine or not stale.is_dir():
-                continue
-            shutil.rmtree(stale, ignore_errors=True)
-            log.warning("removed '%s', left by an interrupted run (pid %s)", stale,
-                        stale.name.rsplit("-", 1)[-1])
+    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
+    for stale in out.parent.iterdir():
+        prefix = next((p for p in prefixes if stale.name.startswith(p)), None)
+        if prefix is None or stale.name in mine or not stale.is_dir() or not stale.name[len(prefix):].isdigit():
+            continue  # not a leftover of this output (or ours)
+        shutil.rmtree(stale, ignore_errors=True)
+        log.warning("removed '%s', left by an interrupted run (pid %s)", stale, stale.name[len(prefix):])
 
 
 def _release(out: Path, *, written: bool) -> None:

@@ -599,6 +599,9 @@ def _load_checkpoint(accelerator, resume_dir: Path, run: _Run, callbacks: list) 
         load_rng_states(own)
     run.load(json.loads((resume_dir / STATE_FILE).read_text()))
     states = load_callback_states(resume_dir) if callbacks else None
+    if callbacks and states is None:
+        raise UsageError(f"--resume: '{resume_dir}' holds no callback state (callbacks.json) for this run's "
+                         "callbacks")
     if states is not None:
         if len(states) != len(callbacks):
             raise UsageError(f"--resume: '{resume_dir}' holds {len(states)} callback states, this run has "
