@@ -184,8 +184,39 @@ def test_sigterm_exits_143_and_removes_the_temporary_folder(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert err.strip().splitlines() == ["error: terminated (SIGTERM); nothing was written"]
+    assert err.strip().splitlines() == ["error: terminated (SIGTERM)"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_during_commit_waits_until_the_new_folder_is_in_place(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    real_replace = os.replace
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives between moving the old folder out and the new one in
+
+    try:
+        out = OutputDir(target, overwrite=True)
+        with pytest.raises(Stop), out as tmp:
+            (tmp / "new.txt").write_text("new")
+            monkeypatch.setattr(os, "replace", replace_then_signal)
+            out.commit()
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]  # delivered once the commit was whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ------------------------------------------------------------------------------------------ file modes

@@ -177,7 +177,7 @@ def run(command: str, job: Callable, *, json_mode: bool) -> None:
     except KeyboardInterrupt:
         _fail(command, "interrupted", "interrupted", 130, None, json_mode, None)
     except Terminated:
-        _fail(command, "terminated", "terminated (SIGTERM); nothing was written", 143, None, json_mode, None)
+        _fail(command, "terminated", "terminated (SIGTERM)", 143, None, json_mode, None)
     except typer.Exit:
         raise
     except Exception as exc:  # anything unexpected: still one line unless -v

@@ -19,10 +19,13 @@ complete. With `overwrite=True` an existing OUT is replaced only once the new on
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -172,6 +175,28 @@ def normalize_modes(folder: Path) -> None:
             os.chmod(path, mode)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM back for a few renames, then deliver them to the handlers that were in place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in received[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 class OutputDir:
     """Context manager: `with OutputDir(out, overwrite=...) as tmp: ...write into tmp...; commit()`."""
 
@@ -191,6 +216,10 @@ class OutputDir:
     def commit(self) -> Path:
         normalize_modes(self.tmp)
         target = self.target
+        with _signals_deferred():  # never stop between moving the old folder away and the new one in
+            return self._commit(target)
+
+    def _commit(self, target: Path) -> Path:
         try:
             if self._occupied() and not self.overwrite:
                 self._keep_aside()
