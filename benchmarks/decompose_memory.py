@@ -7,8 +7,8 @@ tokenizer. Each (depth, method) runs `decompose --params-ratio 0.8` in a fresh s
 own memory from a background thread every ~5 ms:
 
     anon    RssAnon from /proc/self/status: heap and other anonymous pages, what the process really holds.
-            safetensors shards are mmap'd, and their file-backed pages count in VmRSS but are reclaimable
-            (shared/design/dependencies.md section 6), so this is the number streaming must keep flat.
+            safetensors shards are mmap'd, and their file-backed pages count in VmRSS but are page cache
+            the kernel reclaims under pressure, so this is the number streaming must keep flat.
     VmRSS   total resident memory (anon + file-backed + shmem), for reference.
 
 Both are reported as peak minus the value measured after the imports (torch, transformers, lowrank_cli), so

@@ -76,9 +76,9 @@ class StepTimer:
 
 def worker(args) -> dict:
     """One method in this (fresh) process; returns its figures."""
-    import resource
-
     import torch
+
+    from lowrank_cli.utils.memory import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     from lowrank_cli.api.common import load_tokenizer
@@ -114,7 +114,7 @@ def worker(args) -> dict:
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     return {"method": args.worker, "lr": lr, "trainable": trainable, "modules": len(spec.targets),
             "step_s": statistics.median(steps), "step_s_all": timer.times,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "optimizer_state_bytes": state_bytes, "eval_before": out.initial_eval_loss,
             "eval_after": out.final_eval_loss, "train_loss_last": out.final_train_loss, "tokens": out.tokens}
 

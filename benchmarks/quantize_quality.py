@@ -69,12 +69,14 @@ def run_gptqmodel(src: str, out: Path, cfg: dict, calib) -> None:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from lowrank_cli.io.resolve import resolve_model
+    from lowrank_cli.utils.third_party import gptqmodel_logs_elsewhere
 
     qcfg = QuantizeConfig(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                           desc_act=cfg.get("act_order", False))
     model = GPTQModel.load(str(resolve_model(src)), qcfg)
     rows = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
-    model.quantize(rows, batch_size=1)
+    with gptqmodel_logs_elsewhere():  # not ./logs
+        model.quantize(rows, batch_size=1)
     model.save(str(out))
 
 

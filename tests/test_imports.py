@@ -8,8 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowrank_cli"
 # cycles that are being removed elsewhere (issue 14): this list only shrinks
-KNOWN = {frozenset({"lowrank_cli.api.decompose", "lowrank_cli.api.decompose_flow"}),
-         frozenset({"lowrank_cli.api.trp", "lowrank_cli.api.trp_flow"})}
+KNOWN = {frozenset({"lowrank_cli.api.trp", "lowrank_cli.api.trp_flow"})}
 
 
 def _modules() -> dict[str, Path]:

@@ -329,13 +329,13 @@ def test_output_overlapping_the_input_is_refused(tmp_path):
         (tmp_path / "elsewhere").resolve()
 
 
-def test_output_target_file_or_missing_parent(tmp_path):
+def test_output_target_file_or_parent_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError) as excinfo:
         check_output_target(tmp_path / "file", overwrite=True)
     one_line_usage_error(excinfo, "is a file")
-    with pytest.raises(UsageError) as excinfo:
-        check_output_target(tmp_path / "no" / "out", overwrite=False)
+    with pytest.raises(UsageError) as excinfo:  # the parent cannot be created: a file is in the way
+        check_output_target(tmp_path / "file" / "out", overwrite=False)
     one_line_usage_error(excinfo, "parent")
 
 

@@ -2,8 +2,9 @@
 
 Both the build and the measurement run in fresh subprocesses, so nothing the test session has allocated
 blurs the figures. The measure is the process's anonymous RSS (`RssAnon`): the safetensors shards are
-mmapped, and their file-backed pages count in VmRSS but are page cache the kernel can drop at will (see
-shared/design/dependencies.md §6). A background thread samples RssAnon every 2 ms during the pass.
+mmapped, and their file-backed pages count in VmRSS but are page cache the kernel can drop at will under
+memory pressure, so they are not memory the process holds. A background thread samples RssAnon every 2 ms
+during the pass.
 
 Two passes: float32 (the checkpoint's own dtype: weights are used straight from the mmap) and bfloat16
 (every block is converted, so each block's weights are real anonymous allocations that must be freed).

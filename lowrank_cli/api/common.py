@@ -13,7 +13,7 @@ from lowrank_cli.data.windows import windows_from_documents
 from lowrank_cli.errors import UsageError
 
 __all__ = ["load_tokenizer", "text_windows", "Timer", "check_device", "with_overrides",
-           "calibration_and_eval_windows", "SolverWindows", "solver_windows"]
+           "calibration_and_eval_windows", "SolverWindows", "solver_windows", "check_seq_len"]
 
 
 def load_tokenizer(path: Path):
@@ -89,6 +89,12 @@ def calibration_and_eval_windows(tokenizer, opts):
     specs = {"calib": opts.calib, "eval": opts.eval_data}
     return (_windows_for(tokenizer, opts, "calib", specs, opts.calib_samples * opts.calib_seq_len),
             _windows_for(tokenizer, opts, "eval", specs, opts.eval_tokens))
+
+
+def check_seq_len(ckpt, seq_len: int) -> None:
+    """Windows longer than the model's positions would index past its position table: refuse them."""
+    if ckpt.max_positions is not None and seq_len > ckpt.max_positions:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's {ckpt.max_positions} positions")
 
 
 def check_device(device: str) -> str:

@@ -16,7 +16,7 @@ Flow (two streamed passes over the model, one block in memory at a time):
 
 from __future__ import annotations
 
-from lowrank_cli.api.common import check_device, with_overrides
+from lowrank_cli.api.common import check_device, check_seq_len, with_overrides
 from lowrank_cli.api.compress_job import CompressJob
 from lowrank_cli.api.compress_result import FRONTIER_JSON, FRONTIER_PNG, CompressResult
 from lowrank_cli.api.options.compress import CompressOptions
@@ -39,6 +39,7 @@ def compress(model: str, opts: CompressOptions | None = None, progress: Progress
         check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
         check_device(opts.device)
     ckpt = Checkpoint(path)
+    check_seq_len(ckpt, opts.calib_seq_len)
     if ckpt.quantization or (ckpt.config.get("lowrank") or {}):
         raise UsageError(f"'{model}' is already compressed; compress starts from a full-precision dense checkpoint")
     job = CompressJob(model, path, ckpt, opts, progress or Progress())

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lowrank_cli.api.common import Timer, check_device, load_tokenizer, solver_windows, with_overrides
+from lowrank_cli.api.common import (
+    Timer,
+    check_device,
+    check_seq_len,
+    load_tokenizer,
+    solver_windows,
+    with_overrides,
+)
 from lowrank_cli.api.options.decompose import ALLOCATIONS, FORMATS, METHODS, DecomposeOptions
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
@@ -88,13 +95,6 @@ def decompose(model: str, opts: DecomposeOptions | None = None, progress: Progre
     return job.plan_only() if opts.dry_run else job.run()
 
 
-def _max_positions(config: dict) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
-
-
 def _out_dtype(ckpt, name: str):
     """The float dtype the input stores a tensor (or the weight a factor came from) in."""
     import torch
@@ -126,9 +126,7 @@ class _Job:
         self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
         self.timer = Timer()
         self.dtype = resolve_dtype(opts.dtype, opts.device)
-        limit = _max_positions(ckpt.config)
-        if limit is not None and opts.calib_seq_len > limit:
-            raise UsageError(f"--seq-len {opts.calib_seq_len} exceeds the model's {limit} positions")
+        check_seq_len(ckpt, opts.calib_seq_len)
         with self.timer("load"):
             self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
                                           offload_dir=opts.offload_dir)

@@ -9,6 +9,7 @@ from lowrank_cli.api.common import check_device, load_tokenizer, text_windows, w
 from lowrank_cli.api.options.evaluate import EvalOptions
 from lowrank_cli.data.windows import fingerprint
 from lowrank_cli.engine.streamed import resolve_dtype
+from lowrank_cli.errors import UsageError
 from lowrank_cli.eval.perplexity import nll_full, nll_streamed
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.resolve import resolve_model
@@ -43,6 +44,9 @@ def evaluate(model: str, opts: EvalOptions | None = None, progress: Progress | N
     path = resolve_model(model)
     check_device(opts.device)
     ckpt = Checkpoint(path)
+    if ckpt.max_positions is not None and opts.seq_len > ckpt.max_positions:
+        raise UsageError(f"--seq-len {opts.seq_len} is longer than the {ckpt.max_positions} positions '{model}' has; "
+                         f"use --seq-len {ckpt.max_positions} or less")
     tokenizer = load_tokenizer(path)
     windows = text_windows(tokenizer, opts.data, part="eval", seq_len=opts.seq_len, max_tokens=opts.max_tokens,
                            seed=opts.seed, text_field=opts.text_field)

@@ -15,6 +15,7 @@ Flow:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -107,7 +108,7 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
               if opts.max_steps else None)
     data = build_datasets(tokenizer, opts.data, opts.eval_data, text_field=opts.text_field,
                           max_seq_len=opts.max_seq_len, packing=opts.packing, seed=opts.seed,
-                          token_budget=budget, max_eval_examples=opts.max_eval_examples)
+                          token_budget=budget, max_eval_examples=opts.eval_examples())
 
     import torch
 
@@ -118,7 +119,10 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
     spec = opts.adapter_spec(module_names(layers))
     total_params = sum(p.numel() for p in net.parameters())
     torch.manual_seed(opts.seed)  # adapter initialisation
-    net = method.attach(net, spec)
+    from lowrank_cli.utils.third_party import gptqmodel_hidden, has_quantized_layers
+
+    with contextlib.nullcontext() if has_quantized_layers(net) else gptqmodel_hidden():
+        net = method.attach(net, spec)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     optimizer = method.optimizer(net, spec, lr=opts.lr, weight_decay=opts.weight_decay)
 

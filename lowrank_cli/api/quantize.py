@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from lowrank_cli.api.common import Timer, check_device, load_tokenizer, solver_windows, with_overrides
+from lowrank_cli.api.common import Timer, check_device, check_seq_len, load_tokenizer, solver_windows, with_overrides
 from lowrank_cli.api.options.quantize import BITS, METHODS, QuantizeOptions
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
@@ -85,6 +85,7 @@ def quantize(model: str, opts: QuantizeOptions | None = None, progress: Progress
         check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
         check_device(opts.device)
     ckpt = Checkpoint(path)
+    check_seq_len(ckpt, opts.calib_seq_len)
     if ckpt.quantization:
         raise UsageError(f"'{model}' is already quantized ({ckpt.quantization.get('quant_method', '?')}); "
                          "quantize a full-precision checkpoint")

@@ -8,11 +8,14 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +26,28 @@ from lowrank_cli.errors import summarize
 from lowrank_cli.result import error_document, ok_document
 from lowrank_cli.utils.streams import stdout_to_stderr
 
-__all__ = ["GlobalState", "STATE", "run", "json_error"]
+__all__ = ["GlobalState", "STATE", "run", "json_error", "Terminated"]
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM (CI cancellation, timeouts, `docker stop`): like Ctrl-C, it
+    unwinds every `with` block, so temporary output folders are removed, then the process exits 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -57,7 +81,8 @@ def _configure_logging(json_mode: bool) -> None:
     if not STATE.verbose:
         # Optional quantization libraries that transformers imports when installed: torchao warns about
         # its CUDA-only extensions, torch about torchao's pytree registrations. Shown with -v.
-        for noisy in ("torchao", "torch.utils._pytree", "optimum", "gptqmodel"):
+        # bitsandbytes (imported by peft) and its `kernels` loader warn about optional CPU kernels.
+        for noisy in ("torchao", "torch.utils._pytree", "optimum", "gptqmodel", "bitsandbytes", "kernels"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
@@ -132,18 +157,23 @@ def run(command: str, job: Callable, *, json_mode: bool) -> None:
     console = getattr(progress, "console", None)
     if console is not None:  # log lines print above the live bars instead of through them
         logging.getLogger("lowrank").handlers[0].stream = _ConsoleStream(console)
+    from lowrank_cli.io.output import release_locks
+
     try:
         # stdout carries only the result: libraries that print banners (gptqmodel does when a GPTQ model
-        # loads) write to stderr instead
-        with stdout_to_stderr():
+        # loads) write to stderr instead; SIGTERM unwinds like Ctrl-C (temporary folders removed)
+        with _sigterm_unwinds(), stdout_to_stderr():
             result = job(progress)
     except KeyboardInterrupt:
         _fail(command, ("interrupted", "interrupted", 130, None), json_mode, None)
+    except Terminated:
+        _fail(command, ("terminated", "terminated (SIGTERM)", 143, None), json_mode, None)
     except typer.Exit:
         raise
     except Exception as exc:  # anything unexpected too: still one line unless -v
         _fail(command, summarize(exc), json_mode, exc)
     finally:
+        release_locks()  # a run that failed before its output folder was made still held the output's lock
         close = getattr(progress, "close", None)
         if close:
             close()

@@ -23,6 +23,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from pathlib import Path
 
@@ -147,8 +148,9 @@ def _documents_from_file(path: Path, text_field: str) -> list[str]:
                     raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
                 if not isinstance(record, dict) or text_field not in record:
                     raise UsageError(f"{path}:{lineno}: no field '{text_field}' (set --text-field)")
-                if record[text_field] is not None:  # null: no text (not the string "None")
-                    docs.append(str(record[text_field]))
+                text = text_value(f"{path}:{lineno}", record[text_field], text_field)
+                if text is not None:
+                    docs.append(text)
         return docs
     if suffix == ".parquet":
         try:
@@ -161,8 +163,37 @@ def _documents_from_file(path: Path, text_field: str) -> list[str]:
             raise UsageError(f"{path}: not a readable parquet file ({type(exc).__name__})") from exc
         if text_field not in table.column_names:
             raise UsageError(f"{path}: no column '{text_field}' (set --text-field)")
-        return [str(v) for v in table.column(text_field).to_pylist() if v is not None]
-    return [_read_text(path)]
+        values = table.column(text_field).to_pylist()
+        texts = [text_value(f"{path} row {i}", v, text_field) for i, v in enumerate(values)]
+        return [t for t in texts if t is not None]
+    return [_checked_text(path)]
+
+
+def text_value(where: str, value, field: str) -> str | None:
+    """A record's text: a string, or None for null; anything else (a number, a list) is a UsageError rather
+    than text made up with str()."""
+    if value is None or isinstance(value, str):
+        return value
+    raise UsageError(f"{where}: '{field}' must be a string, got {type(value).__name__} {str(value)[:40]}")
+
+
+# Share of characters that are not text (undecodable bytes, control characters) above which a file is
+# refused: UTF-8 prose and code stay far below 1%; random bytes read as UTF-8 are mostly replacement chars.
+_MAX_NON_TEXT = 0.10
+_NON_TEXT = re.compile(r"[\x00-\x08\x0e-\x1f\ufffd]")
+
+
+def _checked_text(path: Path) -> str:
+    """A plain text file's content; a file that is mostly undecodable bytes (a binary file passed as text)
+    is refused instead of being trained or calibrated on as noise."""
+    text = _read_text(path)
+    sample = text[:1_000_000]  # enough to tell, and bounded for huge files
+    if sample:
+        share = len(_NON_TEXT.findall(sample)) / len(sample)
+        if share > _MAX_NON_TEXT:
+            raise UsageError(f"'{path}' does not look like text: {share:.0%} of it is not UTF-8 text "
+                             "(a binary file?)")
+    return text
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -192,7 +223,8 @@ def _documents_from_hub(spec: str, text_field: str) -> list[str]:
     ds = hub_dataset(spec)
     if text_field not in ds.column_names:
         raise UsageError(f"dataset '{spec}' has no column '{text_field}' (set --text-field)")
-    return [str(v) for v in ds[text_field]]
+    texts = [text_value(f"{spec} row {i}", v, text_field) for i, v in enumerate(ds[text_field])]
+    return [t for t in texts if t is not None]
 
 
 def load_documents(spec: str | None, *, part: str | None = None, text_field: str = "text") -> list[str]:

@@ -65,12 +65,30 @@ def read_header(path: Path) -> dict:
     if not isinstance(header, dict) or not all(
             _entry_ok(v) for k, v in header.items() if k != "__metadata__"):
         raise UsageError(f"corrupt safetensors file '{path}': the header is not a table of tensors")
+    for name, meta in header.items():
+        if name != "__metadata__":
+            _check_span(path, name, meta)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise UsageError(
             f"truncated safetensors file '{path}': {size} bytes, its header needs {8 + length + end}"
         )
     return header
+
+
+def _check_span(path: Path, name: str, meta: dict) -> None:
+    """A tensor's shape and dtype must fill its byte span exactly (safetensors itself fails later, on first
+    read, without naming the file)."""
+    width = _DTYPE_BYTES.get(meta["dtype"])
+    if width is None:  # a dtype this table does not know (sub-byte floats, ...): safetensors checks it
+        return
+    numel = 1
+    for dim in meta["shape"]:
+        numel *= dim
+    start, end = meta["data_offsets"]
+    if numel * width != end - start:
+        raise UsageError(f"corrupt safetensors file '{path}': tensor '{name}' is {meta['dtype']} "
+                         f"{meta['shape']} ({numel * width} bytes) but its byte span holds {end - start}")
 
 
 def _entry_ok(meta) -> bool:
@@ -168,6 +186,15 @@ class Checkpoint:
     def quantization(self) -> dict | None:
         return self.config.get("quantization_config")
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model has positions for (config.json), or None if it does not say."""
+        for key in ("max_position_embeddings", "n_positions", "seq_length"):
+            value = self.config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+
     def num_params(self, names: Iterable[str] | None = None) -> int:
         names = self.tensors if names is None else names
         return sum(self.tensors[n].numel for n in names)
@@ -176,13 +203,18 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def fingerprint(self) -> str:
-        """A cheap identity of the weights: a hash of every shard header (names, dtypes, shapes, offsets)
-        and file size. It does not read the weights, so it is instant for any size of model."""
+        """An identity of the weights for `--resume` and recipe step skipping: a hash of every shard header
+        (names, dtypes, shapes, offsets), the config, and weight bytes: every tensor of up to
+        `_FULL_TENSOR_BYTES` whole, and `_SAMPLES` evenly spaced windows of `_WINDOW` bytes of each larger one.
+        Two fine-tunes of one architecture differ in nearly every weight, so they differ here; an edit of a
+        few scattered weights of a large tensor may not show. Cost: at most 64 KiB read per tensor, whatever
+        its size (a 300-tensor 7B model: about 20 MB in some 5,000 small reads)."""
         digest = hashlib.sha256()
         for file in self.files:
             digest.update(file.encode())
             digest.update(self._headers[file])
             digest.update(str((self.path / file).stat().st_size).encode())
+            _hash_weight_samples(digest, self.path / file)
         digest.update(json.dumps(self.config, sort_keys=True).encode())
         return digest.hexdigest()[:16]
 
@@ -197,3 +229,27 @@ class Checkpoint:
             if p.is_file() and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES)
             and not p.name.startswith(".")
         )
+
+
+_WINDOW = 4096
+_SAMPLES = 16
+_FULL_TENSOR_BYTES = _WINDOW * _SAMPLES
+
+
+def _hash_weight_samples(digest, path: Path) -> None:
+    """Feed `digest` with the bytes of every tensor of a safetensors file, sampled past 64 KiB a tensor."""
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        base = 8 + length
+        spans = sorted(tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__")
+        for start, end in spans:
+            size = end - start
+            if size <= _FULL_TENSOR_BYTES:
+                fh.seek(base + start)
+                digest.update(fh.read(size))
+                continue
+            step = (size - _WINDOW) // (_SAMPLES - 1)
+            for i in range(_SAMPLES):
+                fh.seek(base + start + i * step)
+                digest.update(fh.read(_WINDOW))

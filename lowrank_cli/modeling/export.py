@@ -103,6 +103,9 @@ def write_modeling_file(out_dir: str | os.PathLike, model_type: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; other users must be able to load the model
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

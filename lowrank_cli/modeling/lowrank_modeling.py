@@ -198,18 +198,46 @@ class _InitPlaceholders:
                 )
                 self.set_here.append(module)
             elif _is_quantized_linear(module):
-                object.__setattr__(module, "weight", torch.empty(
-                    (module.out_features, module.in_features), dtype=torch.float16, device="meta"))
-                self.quantized_here.append(module)
+                placeholder = torch.empty(
+                    (module.out_features, module.in_features), dtype=torch.float16, device="meta")
+                original = type(module)
+                if hasattr(original, "weight"):
+                    # A class-level ``weight`` (gptqmodel's TorchLinear, picked for 2/3/8 bits, has a read-only
+                    # property) cannot be shadowed by an instance attribute: swap in a subclass whose
+                    # ``weight`` is the placeholder, and swap back on exit.
+                    module.__class__ = _placeholder_class(original)
+                    module.__dict__["_lowrank_placeholder"] = placeholder
+                else:
+                    object.__setattr__(module, "weight", placeholder)
+                self.quantized_here.append((module, original))
         return self
 
     def __exit__(self, *exc):
         for module in self.set_here:
             module._weight_placeholder = None
-        for module in self.quantized_here:
-            object.__delattr__(module, "weight")
+        for module, original in self.quantized_here:
+            if type(module) is not original:
+                module.__class__ = original
+                module.__dict__.pop("_lowrank_placeholder", None)
+            else:
+                object.__delattr__(module, "weight")
         self.set_here, self.quantized_here = [], []
         return False
+
+
+_PLACEHOLDER_CLASSES = {}
+
+
+def _placeholder_class(cls):
+    """``cls`` with ``weight`` answering the placeholder set by _InitPlaceholders (one subclass per class)."""
+    sub = _PLACEHOLDER_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {
+            "weight": property(lambda self: self.__dict__["_lowrank_placeholder"]),
+            "__module__": cls.__module__,
+        })
+        _PLACEHOLDER_CLASSES[cls] = sub
+    return sub
 
 
 def _is_quantized_linear(module):

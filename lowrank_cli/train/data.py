@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank_cli.data.sources import HELD_OUT, STDLIB, is_builtin, load_documents, part_of
+from lowrank_cli.data.sources import HELD_OUT, STDLIB, is_builtin, load_documents, part_of, text_value
 from lowrank_cli.errors import UsageError
 
 __all__ = ["TrainData", "build_datasets", "load_records", "tokenize_records", "pack", "collate_fn",
@@ -160,12 +160,13 @@ def _typed(pairs, text_field: str, part: str | None) -> list[dict]:
     for where, record in pairs:
         kind = _kind(where, record, text_field)
         if kind == "text":
-            if record[text_field] is None or not str(record[text_field]).strip():
+            text = text_value(where, record[text_field], text_field)
+            if text is None or not text.strip():
                 continue
-            item = {"kind": kind, "text": str(record[text_field])}
+            item = {"kind": kind, "text": text}
         elif kind == "prompt_completion":
-            item = {"kind": kind, "prompt": str(record["prompt"] or ""),
-                    "completion": str(record["completion"] or "")}
+            item = {"kind": kind, "prompt": text_value(where, record["prompt"], "prompt") or "",
+                    "completion": text_value(where, record["completion"], "completion") or ""}
             if not item["completion"]:
                 continue
         else:

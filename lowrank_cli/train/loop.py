@@ -29,8 +29,9 @@ API (finetune and trp-train both call it):
 - Checkpoints: every `save_every` steps into `checkpoint_dir/step-NNNNNN` (written under a temporary name
   and renamed, the newest `keep_checkpoints` kept) through `accelerator.save_state` (trainable weights
   only, optimizer, scheduler, the accumulation counter) plus every process's RNG states
-  (`rng_state_<rank>.pt`), `loop_state.json` (position in the data, tokens, curve rows, the run
-  fingerprint) and `callbacks.pt`. `resume_from` (a step folder, or a
+  (`rng_state_<rank>.safetensors`), `loop_state.json` (position in the data, tokens, curve rows, the run
+  fingerprint) and `callbacks.json` (+ `callbacks.safetensors`). No pickle of ours is written or read
+  (see train/state_io.py). `resume_from` (a step folder, or a
   checkpoint folder whose newest step is taken) continues bit-exactly: the same parameters as a run that
   never stopped. A checkpoint whose fingerprint differs from `config.fingerprint` is refused (UsageError).
 - Returns `LoopResult` (losses, steps, tokens, the curve rows, timings, peak memory). In a multi-process
@@ -43,16 +44,24 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.io.output import normalize_modes
 from lowrank_cli.train.callbacks import Callback
+from lowrank_cli.train.state_io import (
+    PICKLED_STATE_FILES,
+    load_callback_states,
+    load_rng_states,
+    rng_file,
+    save_callback_states,
+    save_rng_states,
+)
+from lowrank_cli.utils.memory import peak_rss_bytes
 from lowrank_cli.utils.progress import Progress
 
 __all__ = ["LoopConfig", "LoopResult", "train", "latest_checkpoint", "check_resume", "resume_point",
@@ -61,7 +70,6 @@ __all__ = ["LoopConfig", "LoopResult", "train", "latest_checkpoint", "check_resu
 log = logging.getLogger("lowrank")
 
 STATE_FILE = "loop_state.json"
-CALLBACKS_FILE = "callbacks.pt"
 _STEP_PREFIX = "step-"
 
 
@@ -281,11 +289,6 @@ def _mixed_precision(config: LoopConfig, cpu: bool) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def _warmup_steps(config: LoopConfig, total: int) -> int:
     return int(config.warmup) if config.warmup >= 1 else int(math.ceil(config.warmup * total))
 
@@ -379,15 +382,7 @@ def train(model, optimizer, train_dataset: Sequence, *, config: LoopConfig, coll
     run = _Run()
     callbacks = list(callbacks)
     if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        own = resume_dir / f"rng_state_{accelerator.process_index}.pt"
-        if own.is_file():
-            _set_rng_states(torch.load(own, weights_only=False))
-        run.load(json.loads((resume_dir / STATE_FILE).read_text()))
-        if callbacks and (resume_dir / CALLBACKS_FILE).is_file():
-            states = torch.load(resume_dir / CALLBACKS_FILE, weights_only=False)
-            for cb, state in zip(callbacks, states, strict=True):
-                cb.load_state_dict(state)
+        _load_checkpoint(accelerator, resume_dir, run, callbacks)
         log.info("resumed from %s (step %d of %d)", resume_dir, run.step, total)
     resumed_from = run.step if resume_dir is not None else None
 
@@ -501,7 +496,7 @@ def train(model, optimizer, train_dataset: Sequence, *, config: LoopConfig, coll
         tokens=run.tokens, initial_eval_loss=run.initial_eval, final_eval_loss=run.last_eval,
         best_eval_loss=run.best_eval, final_train_loss=sum(losses) / len(losses) if losses else None,
         curve=run.curve, timings_s={k: round(v, 4) for k, v in timings.items()},
-        memory={"peak_rss_bytes": _peak_rss_bytes(), "peak_device_bytes": peak_device},
+        memory={"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device},
         resumed_from_step=resumed_from, checkpoints=saved, mixed_precision=precision,
         num_processes=nproc, is_main_process=accelerator.is_main_process)
     accelerator.free_memory()
@@ -585,34 +580,37 @@ def _register_trainable_only(accelerator, names: list[str]) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def _rng_states() -> dict:
-    import random
+def _load_checkpoint(accelerator, resume_dir: Path, run: _Run, callbacks: list) -> None:
+    """Weights, optimizer and scheduler through accelerate (torch.load with weights_only=True); our RNG and
+    callback states from safetensors + JSON. A checkpoint that holds state only as pickle is refused."""
+    import pickle
 
-    import numpy as np
-    import torch
-
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    own = rng_file(resume_dir, accelerator.process_index)
+    pickled = [p.name for pattern in PICKLED_STATE_FILES for p in resume_dir.glob(pattern)]
+    if not own.is_file() and pickled:
+        raise UsageError(f"--resume: '{resume_dir}' keeps its training state as pickle ({pickled[0]}), which "
+                         "lowrank does not load (it could run code); restart the training")
+    try:
+        accelerator.load_state(str(resume_dir))
+    except pickle.UnpicklingError as exc:  # weights_only refused something that is not plain data
+        raise UsageError(f"--resume: '{resume_dir}' holds a file that is not plain tensor data; refusing to "
+                         f"load it ({str(exc).splitlines()[0]})") from exc
+    if own.is_file():
+        load_rng_states(own)
+    run.load(json.loads((resume_dir / STATE_FILE).read_text()))
+    states = load_callback_states(resume_dir) if callbacks else None
+    if callbacks and states is None:
+        raise UsageError(f"--resume: '{resume_dir}' holds no callback state (callbacks.json) for this run's "
+                         "callbacks")
+    if states is not None:
+        if len(states) != len(callbacks):
+            raise UsageError(f"--resume: '{resume_dir}' holds {len(states)} callback states, this run has "
+                             f"{len(callbacks)} callbacks")
+        for cb, state in zip(callbacks, states, strict=True):
+            cb.load_state_dict(state)
 
 
 def _save(accelerator, root: Path, run: _Run, callbacks, config: LoopConfig) -> str:
-    import torch
-
     final = root / f"{_STEP_PREFIX}{run.step:06d}"
     tmp = root / f".{final.name}.tmp"
     if accelerator.is_main_process:
@@ -622,14 +620,15 @@ def _save(accelerator, root: Path, run: _Run, callbacks, config: LoopConfig) -> 
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     # accelerate writes the RNG states of process 0 only; every process keeps its own (dropout masks)
-    torch.save(_rng_states(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    save_rng_states(rng_file(tmp, accelerator.process_index))
     accelerator.wait_for_everyone()  # every process has written its part before the rename
     if accelerator.is_main_process:
         state = run.to_dict()
         state["fingerprint"] = run_fingerprint(config)
         (tmp / STATE_FILE).write_text(json.dumps(state, default=str))
         if callbacks:
-            torch.save([cb.state_dict() for cb in callbacks], tmp / CALLBACKS_FILE)
+            save_callback_states([cb.state_dict() for cb in callbacks], tmp)
+        normalize_modes(tmp)  # safetensors writes 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

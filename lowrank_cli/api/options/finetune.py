@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from lowrank_cli.api.options import common
@@ -55,7 +56,10 @@ class FinetuneOptions:
                               "longer prompt/chat examples truncated.")
     packing: bool = option(False, panel=DATA_PANEL, help="Join examples into full --max-seq-len blocks (no "
                            "padding).")
-    max_eval_examples: int = option(256, panel=DATA_PANEL, help="Held-out examples evaluated.")
+    # None: eval_examples() sizes it to the run
+    max_eval_examples: int | None = option(None, panel=DATA_PANEL, help="Held-out examples evaluated. Default: "
+                                           "an eighth of what a --max-steps run trains on (8 to 256); 256 for "
+                                           "--epochs runs.")
     lr: float = option(2e-4, panel=TRAIN_PANEL, help="Peak learning rate.")
     epochs: float | None = common.epochs()  # default 1 when max_steps is not set
     max_steps: int | None = common.max_steps()
@@ -98,13 +102,24 @@ class FinetuneOptions:
                              f"(choose {', '.join(LORA_PRO_MODES)})")
         if self.max_seq_len < 2:
             raise UsageError(f"--max-seq-len must be at least 2, got {self.max_seq_len}")
-        if self.max_eval_examples < 1:
+        if self.max_eval_examples is not None and self.max_eval_examples < 1:
             raise UsageError("--max-eval-examples must be at least 1")
         if self.max_grad_norm < 0:
             raise UsageError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if self.resume and self.save_every is None:
             log.debug("--resume without --save-every: the resumed run writes no further checkpoints")
         self.loop_config({}).validate()
+
+    def eval_examples(self) -> int:
+        """--max-eval-examples, or by default an eighth of the training examples a --max-steps run sees
+        (8 to 256): the held-out loss is measured before and after training (and every --eval-every steps),
+        and on a short run 256 examples would cost many times the training itself."""
+        if self.max_eval_examples is not None:
+            return self.max_eval_examples
+        if not self.max_steps:
+            return 256
+        seen = self.max_steps * self.batch_size * self.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+        return max(8, min(256, seen // 8))
 
     def adapter_spec(self, targets: list[str]) -> AdapterSpec:
         alpha = self.alpha if self.alpha is not None else (1.0 if self.method == "loldu" else 16.0)
