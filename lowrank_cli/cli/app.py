@@ -29,6 +29,7 @@ __all__ = ["app", "main"]
 EPILOG = """\
 [bold]Examples[/bold]
 
+  lowrank compress demo --target-ppl-increase 5% -o out/demo-small   # smallest model within +5%
   lowrank eval demo                                     # perplexity of the bundled demo model
   lowrank decompose demo --target-ppl-increase 5% -o out/demo-lord
   lowrank decompose bigcode/starcoder --target-ppl-increase 1% -o out/starcoder-lord --device cuda
