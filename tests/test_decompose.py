@@ -91,6 +91,31 @@ def test_dry_run_writes_nothing(tiny_bigcode, tmp_path):
     assert doc["memory"]["total"] > 0
 
 
+def test_dry_run_plans_for_a_device_this_machine_lacks(tiny_bigcode, monkeypatch):
+    """A GPU run can be sized from a laptop: the plan uses the device's compute dtype (bfloat16)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, cpu, _ = decompose(str(tiny_bigcode), "--rank", "8", "--dry-run", "--seq-len", "64")
+    code_gpu, gpu, _ = decompose(str(tiny_bigcode), "--rank", "8", "--dry-run", "--seq-len", "64", "--device",
+                                 "cuda")
+    assert code == code_gpu == 0
+    assert (cpu["memory"]["device"], cpu["memory"]["compute_dtype"]) == ("cpu", "float32")
+    assert (gpu["memory"]["device"], gpu["memory"]["compute_dtype"]) == ("cuda", "bfloat16")
+    assert gpu["memory"]["block"] * 2 == cpu["memory"]["block"]  # half the bytes per weight
+    assert gpu["memory"]["gram"] == cpu["memory"]["gram"]  # Grams stay float64 on every device
+
+
+def test_float32_gram_products_stay_close_to_float64(tiny_llama, tmp_path):
+    """The float32 path (for GPUs without fast float64): same ranks, perplexity within 0.1%."""
+    runs = {}
+    for products in ("float64", "float32"):
+        code, doc, _ = decompose(str(tiny_llama), "-o", str(tmp_path / products), "--params-ratio", "0.7",
+                                 "--gram-products", products, *FAST)
+        assert code == 0, doc
+        runs[products] = doc
+    assert runs["float32"]["ranks"] == runs["float64"]["ranks"]
+    assert runs["float32"]["perplexity"]["final"] == pytest.approx(runs["float64"]["perplexity"]["final"], rel=1e-3)
+
+
 def test_targets_select_layers(tiny_bigcode, tmp_path):
     code, doc, _ = decompose(str(tiny_bigcode), "-o", str(tmp_path / "o"), "--params-ratio", "0.5",
                              "--targets", "mlp.*", *FAST)

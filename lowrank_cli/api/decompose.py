@@ -209,6 +209,11 @@ class _Job:
     def _evalsets(self) -> dict:
         return {"eval": self.windows.eval, "test": self.windows.test}
 
+    def _products(self):
+        import torch
+
+        return torch.float32 if self.opts.gram_products == "float32" else None
+
     def _profile(self):
         """Error curves on the original model's Grams, baseline eval/test perplexity, Fisher sensitivities."""
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
@@ -218,7 +223,8 @@ class _Job:
         from lowrank_cli.methods.decompose.sensitivity import output_sensitivities
 
         opts = self.opts
-        profiler = Profiler(opts.method, opts.damp, curves=opts.allocation != "uniform" and self.kind != "rank")
+        profiler = Profiler(opts.method, opts.damp, curves=opts.allocation != "uniform" and self.kind != "rank",
+                            product_dtype=self._products())
         with self.timer("profile"):
             task, tick = self._task("profile")
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
@@ -262,7 +268,8 @@ class _Job:
         def sink(name, tensor):
             writer.add(name, tensor.to(_out_dtype(self.ckpt, name) or tensor.dtype))
 
-        modifier = Factorize(ranks, opts.method, opts.damp, dense=opts.format == "dense")
+        modifier = Factorize(ranks, opts.method, opts.damp, dense=opts.format == "dense",
+                             product_dtype=self._products())
         with self.timer("compress"):
             task, tick = self._task(f"compress {index + 1}" + (f" keep={keep:.3f}" if keep is not None else ""))
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,

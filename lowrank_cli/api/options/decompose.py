@@ -52,6 +52,11 @@ class DecomposeOptions:
     sequential: bool = option(True, negatable=True, panel=METHOD, help="Calibrate each layer on the outputs of "
                               "the already compressed layers before it.")
     damp: float = option(0.01, panel=METHOD, help="Gram damping, a fraction of its mean diagonal.")
+    # float64 products are exact enough for the smallest directions; consumer GPUs run float64 at 1/32 to
+    # 1/64 of their float32 rate, where float32 products (still summed in float64) are the practical choice
+    gram_products: str = option("float64", panel=METHOD, help="Precision of each calibration chunk's Gram "
+                                "product before it is summed in float64: float64 (exact) or float32 (faster on "
+                                "GPUs without fast float64; its effect is measured in benchmarks/README.md).")
     search_steps: int = option(6, panel=BUDGET, help="Full evaluations the perplexity search may spend.")
     calib: str | None = option(None, panel=DATA_PANEL, help="Calibration text (same forms as --data). Default: "
                                "a stdlib part disjoint from the evaluation text.")
@@ -109,6 +114,8 @@ class DecomposeOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.calib_seq_len < 2:
             raise UsageError(f"--seq-len must be at least 2, got {self.calib_seq_len}")
+        if self.gram_products not in ("float64", "float32"):
+            raise UsageError(f"unknown --gram-products '{self.gram_products}' (choose float64, float32)")
         if self.damp < 0:
             raise UsageError("--damp must be >= 0")
         from lowrank_cli.io.writer import parse_size

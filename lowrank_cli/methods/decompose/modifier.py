@@ -33,8 +33,8 @@ def layer_spectrum(weight: torch.Tensor, grams, local: str, method: str, damp: f
 class Profiler(Modifier):
     """Each target's output error at every rank, relative and absolute; nothing is changed."""
 
-    def __init__(self, method: str, damp: float, curves: bool = True):
-        self.method, self.damp, self.curves = method, damp, curves
+    def __init__(self, method: str, damp: float, curves: bool = True, product_dtype=None):
+        self.method, self.damp, self.curves, self.product_dtype = method, damp, curves, product_dtype
         self.needs_data = curves and method != "svd"
         self.tails: dict[str, torch.Tensor] = {}
         self.relative: dict[str, torch.Tensor] = {}
@@ -94,8 +94,9 @@ def factorized_tensors(block, prefix: str, dense: bool) -> Iterator[tuple[str, t
 class Factorize(Modifier):
     """Targets with a rank in `ranks` become LowRankLinear factors; the others stay as they are."""
 
-    def __init__(self, ranks: dict[str, int], method: str, damp: float, dense: bool = False):
+    def __init__(self, ranks: dict[str, int], method: str, damp: float, dense: bool = False, product_dtype=None):
         self.ranks, self.method, self.damp, self.dense = ranks, method, damp, dense
+        self.product_dtype = product_dtype  # None: float64 Gram products (see accumulate_gram)
         self.needs_data = method != "svd"
         self._restore: list = []
 
