@@ -206,3 +206,27 @@ def test_candidates_report_paired_noise(compressed):
     # coarser grids disturb more, so their increases are measured less precisely
     se = {r["label"]: r["eval_increase_se"] for r in rows}
     assert se["gptq-8bit"] < se["gptq-2bit"]
+
+
+def test_correction_adapter_is_applied_when_the_output_is_read_back(tiny_llama, tmp_path):
+    """A gptq-lr winner is a GPTQ folder plus correction/: `lowrank eval` (dequantizing, streamed) and the
+    loader (transformers + gptqmodel + PEFT) both apply Q + L R, giving the perplexity compress measured."""
+    from lowrank_cli.api.evaluate import evaluate
+    from lowrank_cli.io.lora_adapter import read_lora_adapter
+
+    out = tmp_path / "lr"
+    result = _compress(tiny_llama, out, "--families", "gptq-lr", "--bits", "2", "--target-ppl-increase", "90%")
+    assert result.exit_code == 0, result.output
+    factors = read_lora_adapter(out / "correction")
+    assert factors and all(up.shape[1] == 32 for up, _ in factors.values())
+    chosen = json.loads(result.stdout)["chosen"]
+    streamed = evaluate(str(out), seq_len=64, max_tokens=512, streaming=True)
+    assert streamed.perplexity == pytest.approx(chosen["eval_perplexity"], rel=1e-3)
+    full = evaluate(str(out), seq_len=64, max_tokens=512)
+    assert full.perplexity == pytest.approx(chosen["eval_perplexity"], rel=2e-2)
+    # without the correction the same GPTQ weights read back differently: the adapter is really applied
+    import shutil
+
+    shutil.move(out / "correction", tmp_path / "aside")
+    plain = evaluate(str(out), seq_len=64, max_tokens=512, streaming=True)
+    assert plain.perplexity != pytest.approx(chosen["eval_perplexity"], rel=1e-4)

@@ -282,7 +282,10 @@ class CompressJob:
             config["dtype"] = "float16"
             config.pop("torch_dtype", None)
         if spec.family == "gptq-lr":
-            modifier.write_adapter(folder)
+            from lowrank_cli.io.gptq_view import CORRECTION_DIR
+            from lowrank_cli.io.lora_adapter import write_lora_adapter
+
+            write_lora_adapter(folder / CORRECTION_DIR, modifier.factors, "..", dtype=modifier.store_dtype)
         complete_folder(folder, self.ckpt, config)
 
     def _record(self, spec: Spec, folder: Path, nll: dict, seconds: float) -> dict:

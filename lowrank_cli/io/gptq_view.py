@@ -7,7 +7,7 @@ from __future__ import annotations
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint, TensorInfo
 
-__all__ = ["DequantizedCheckpoint", "is_gptq", "dequantizing"]
+__all__ = ["DequantizedCheckpoint", "is_gptq", "dequantizing", "correction_folder", "CORRECTION_DIR"]
 
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -43,6 +43,7 @@ class DequantizedCheckpoint:
             self.tensors[f"{layer}.weight"] = TensorInfo(f"{layer}.weight", "F16", [n_out, n_in], q.file,
                                                          n_out * n_in * 2)
         self._layer_of = {f"{layer}.weight": layer for layer in self.layers}
+        self.corrections = _corrections(ckpt.path)
 
     def __getattr__(self, name):  # path, config, files, close, side_files, fingerprint, ...
         return getattr(self.base, name)
@@ -66,8 +67,31 @@ class DequantizedCheckpoint:
             return self.base.get(name, dtype=dtype, device=device)
         parts = {p: self.base.get(f"{layer}.{p}") for p in _PARTS if f"{layer}.{p}" in self.base}
         weight = unpack(parts, self.bits, self.group_size, self.sym).dequantize()
+        if layer in self.corrections:  # GPTQ + low-rank correction (compress's gptq-lr): W = Q + L R
+            up, down = self.corrections[layer]
+            weight = weight + up.double() @ down.double()
         weight = weight.to(dtype or torch.float16)
         return weight.to(device) if device is not None else weight
+
+
+CORRECTION_DIR = "correction"  # where compress stores a GPTQ checkpoint's low-rank correction (PEFT LoRA)
+
+
+def correction_folder(path):
+    """The folder's low-rank correction adapter, or None."""
+    from pathlib import Path
+
+    folder = Path(path) / CORRECTION_DIR
+    return folder if (folder / "adapter_config.json").is_file() else None
+
+
+def _corrections(path) -> dict:
+    folder = correction_folder(path)
+    if folder is None:
+        return {}
+    from lowrank_cli.io.lora_adapter import read_lora_adapter
+
+    return read_lora_adapter(folder)
 
 
 def dequantizing(ckpt: Checkpoint):

@@ -354,10 +354,12 @@ def _load_gptq(folder: Path, config_dict: dict, kw: dict, *, device: Any):
         if "device_map" not in kw:
             kw["device_map"] = {"": str(device or "cpu")}
         if remote:
-            return lowrank_class(model_type).from_pretrained(folder, **kw).eval()
-        from transformers import AutoModelForCausalLM
+            model = lowrank_class(model_type).from_pretrained(folder, **kw)
+        else:
+            from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
+            model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+        return _with_correction(model, folder).eval()
 
     logging.getLogger("lowrank").info("GPTQ kernels (optimum + gptqmodel) not installed: dequantizing")
     import torch
@@ -380,6 +382,18 @@ def _load_gptq(folder: Path, config_dict: dict, kw: dict, *, device: Any):
     if left:
         raise UsageError(f"'{folder}' is missing tensors: {left[:3]}")
     return model.to(device or "cpu").eval()
+
+
+def _with_correction(model: Any, folder: Path) -> Any:
+    """A GPTQ model with its low-rank correction adapter (compress's gptq-lr) applied through PEFT."""
+    from lowrank_cli.io.gptq_view import correction_folder
+
+    correction = correction_folder(folder)
+    if correction is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(correction))
 
 
 def dense_weight(up: Any, down: Any):

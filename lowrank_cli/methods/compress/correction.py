@@ -3,13 +3,12 @@
 The math (GPTQ, then the data-aware rank-r optimum of the residual under the calibration Gram, alternated
 and the best round kept) is `methods/quantize/lowrank_correction.py`. Here: the model downstream (later
 groups and blocks, the eval text) runs on Q + L R with L and R rounded as they are stored; Q goes to the
-checkpoint in GPTQ format, and L R becomes a standard PEFT LoRA adapter (lora_B = L, lora_A = R, scaling 1)
-in the `correction/` subfolder, so the result loads with no remote code and healing can train that adapter.
+checkpoint in GPTQ format, and `factors` (L, R per layer) become a standard PEFT LoRA adapter (lora_B = L,
+lora_A = R, scaling 1) that the caller writes beside it, so the result loads with no remote code and healing
+can train that adapter.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -19,9 +18,9 @@ from lowrank_cli.methods.quantize.lowrank_correction import gptq_quantizer, lowr
 from lowrank_cli.methods.quantize.modifier import Quantize, packed_tensors
 from lowrank_cli.methods.quantize.packing import pack
 
-__all__ = ["QuantizeWithCorrection", "CORRECTION_DIR"]
+__all__ = ["QuantizeWithCorrection"]
 
-CORRECTION_DIR = "correction"
+
 ROUNDS = 2  # alternations after plain GPTQ (each scored; the best is kept)
 
 
@@ -55,8 +54,3 @@ class QuantizeWithCorrection(Modifier):
 
     def undo(self, block) -> None:
         self.quantize.undo(block)
-
-    def write_adapter(self, folder: Path) -> Path:
-        from lowrank_cli.io.lora_adapter import write_lora_adapter
-
-        return write_lora_adapter(Path(folder) / CORRECTION_DIR, self.factors, "..", dtype=self.store_dtype)
