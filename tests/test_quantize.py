@@ -362,3 +362,19 @@ def test_group_size_not_dividing_the_width_loads_and_runs(tiny_llama, tmp_path):
         a = model(ids).logits.float()
         b = _dequantized_model(out)(ids).logits.float()
     assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_dry_run_predicts_the_written_size_exactly(quantized_llama, tiny_llama, tmp_path):
+    """--dry-run reads headers only and writes nothing; its size is the written checkpoint's tensor bytes."""
+    from typer.testing import CliRunner
+
+    from lowrank_cli.cli.app import app
+    from lowrank_cli.io.checkpoint import Checkpoint
+
+    out, _ = quantized_llama
+    result = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--group-size", "32", "--seq-len", "64", "--dry-run",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["dry_run"] and doc["output"] is None and list(tmp_path.iterdir()) == []
+    assert doc["size"]["after"] == Checkpoint(out).total_bytes()
