@@ -16,14 +16,11 @@ Flow (two streamed passes over the model, one block in memory at a time):
 
 from __future__ import annotations
 
-from lowrank_cli.api.common import check_device, check_seq_len, with_overrides
 from lowrank_cli.api.compress_job import CompressJob
 from lowrank_cli.api.compress_result import FRONTIER_JSON, FRONTIER_PNG, CompressResult
 from lowrank_cli.api.options.compress import CompressOptions
+from lowrank_cli.api.solver import open_input
 from lowrank_cli.errors import UsageError
-from lowrank_cli.io.checkpoint import Checkpoint
-from lowrank_cli.io.output import check_output_target
-from lowrank_cli.io.resolve import resolve_model
 from lowrank_cli.utils.progress import Progress
 
 __all__ = ["CompressOptions", "CompressResult", "compress", "FRONTIER_JSON", "FRONTIER_PNG"]
@@ -32,16 +29,10 @@ __all__ = ["CompressOptions", "CompressResult", "compress", "FRONTIER_JSON", "FR
 def compress(model: str, opts: CompressOptions | None = None, progress: Progress | None = None,
              **overrides) -> CompressResult:
     """Search the candidates for MODEL; see CompressOptions. Raises UsageError (2) or BudgetNotMet (3)."""
-    opts = with_overrides(opts or CompressOptions(), overrides)
-    opts.validate()
-    path = resolve_model(model)
-    if not opts.dry_run:
-        check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
-        check_device(opts.device)
-    ckpt = Checkpoint(path)
-    check_seq_len(ckpt, opts.calib_seq_len)
-    if ckpt.quantization or (ckpt.config.get("lowrank") or {}):
-        raise UsageError(f"'{model}' is already compressed; compress starts from a full-precision dense checkpoint")
+    opts, path, ckpt = open_input(model, opts or CompressOptions(), overrides,
+                                  refuse_quantized="compress starts from a full-precision dense checkpoint")
+    if ckpt.config.get("lowrank"):
+        raise UsageError(f"'{model}' is already factorized; compress starts from a full-precision dense checkpoint")
     job = CompressJob(model, path, ckpt, opts, progress or Progress())
     return job.plan_only() if opts.dry_run else job.run()
 

@@ -8,9 +8,10 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from lowrank_cli.api.common import Timer, load_tokenizer, solver_windows
+from lowrank_cli.api.common import load_tokenizer, solver_windows
 from lowrank_cli.api.compress_result import FRONTIER_JSON, FRONTIER_PNG, CompressResult
 from lowrank_cli.api.options.compress import CompressOptions
+from lowrank_cli.api.solver import SolverJob
 from lowrank_cli.errors import BudgetNotMet, UsageError
 from lowrank_cli.io.output import OutputDir
 from lowrank_cli.methods.compress.plan import DEFAULT_BITS, DEFAULT_KEEPS, Spec, candidate_specs
@@ -43,21 +44,13 @@ def parse_target_size(text: str, input_bytes: int) -> int:
                          "weight bytes ('0.3', '30%')") from exc
 
 
-class CompressJob:
+class CompressJob(SolverJob):
     """plan -> profile pass -> candidates pass -> choice (-> healing) -> write."""
 
     def __init__(self, model: str, path, ckpt, opts: CompressOptions, progress):
         from lowrank_cli.api.quantize import check_packable
-        from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
-        from lowrank_cli.engine.targets import select_targets
 
-        self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
-        self.timer = Timer()
-        self.dtype = resolve_dtype(opts.dtype, opts.device)
-        with self.timer("load"):
-            self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
-                                          offload_dir=opts.offload_dir)
-            self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, None)
+        super().__init__(model, path, ckpt, opts, progress)
         families = opts.chosen_families()
         if any(f != "factorize" for f in families):
             check_packable(ckpt, self.targets)

@@ -14,19 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lowrank_cli.api.common import (
-    Timer,
-    check_device,
-    check_seq_len,
-    load_tokenizer,
-    solver_windows,
-    with_overrides,
-)
+from lowrank_cli.api.common import load_tokenizer, solver_windows
 from lowrank_cli.api.options.decompose import ALLOCATIONS, FORMATS, METHODS, DecomposeOptions
+from lowrank_cli.api.solver import SolverJob, open_input
 from lowrank_cli.errors import UsageError
-from lowrank_cli.io.checkpoint import Checkpoint
-from lowrank_cli.io.output import OutputDir, check_output_target
-from lowrank_cli.io.resolve import resolve_model
+from lowrank_cli.io.output import OutputDir
 from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
 
@@ -80,17 +72,8 @@ class DecomposeResult(Result):
 def decompose(model: str, opts: DecomposeOptions | None = None, progress: Progress | None = None,
               **overrides) -> DecomposeResult:
     """Compress MODEL; see DecomposeOptions. Raises UsageError (2) or BudgetNotMet (3)."""
-    opts = with_overrides(opts or DecomposeOptions(), overrides)
-    opts.validate()
-    path = resolve_model(model)
-    if opts.output and not opts.dry_run:
-        check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
-    if not opts.dry_run:  # a plan may be made for a device this machine does not have
-        check_device(opts.device)
-    ckpt = Checkpoint(path)
-    if ckpt.quantization:
-        raise UsageError(f"'{model}' is quantized ({ckpt.quantization.get('quant_method', '?')}); "
-                         "decompose a full-precision checkpoint, then quantize the result")
+    opts, path, ckpt = open_input(model, opts or DecomposeOptions(), overrides,
+                                  refuse_quantized="decompose a full-precision checkpoint, then quantize the result")
     job = _Job(model, path, ckpt, opts, progress or Progress())
     return job.plan_only() if opts.dry_run else job.run()
 
@@ -116,21 +99,11 @@ def _predicted_increase(curves, ranks: dict, tokens: int) -> float:
     return math.expm1(min(total / max(tokens, 1), 50.0))
 
 
-class _Job:
+class _Job(SolverJob):
     """One decompose run: plan -> profile (+ sensitivity) -> compress (searched or fixed) -> write."""
 
     def __init__(self, model: str, path, ckpt, opts: DecomposeOptions, progress: Progress):
-        from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
-        from lowrank_cli.engine.targets import select_targets
-
-        self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
-        self.timer = Timer()
-        self.dtype = resolve_dtype(opts.dtype, opts.device)
-        check_seq_len(ckpt, opts.calib_seq_len)
-        with self.timer("load"):
-            self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
-                                          offload_dir=opts.offload_dir)
-            self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, opts.targets)
+        super().__init__(model, path, ckpt, opts, progress, patterns=opts.targets)
         self.kind = opts.budget_kind()
         self.fisher = opts.allocation == "fisher" and self.kind != "rank"
         value = getattr(opts, self.kind)

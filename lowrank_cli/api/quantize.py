@@ -15,12 +15,11 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from lowrank_cli.api.common import Timer, check_device, check_seq_len, load_tokenizer, solver_windows, with_overrides
+from lowrank_cli.api.common import load_tokenizer, solver_windows
 from lowrank_cli.api.options.quantize import BITS, METHODS, QuantizeOptions
+from lowrank_cli.api.solver import SolverJob, open_input
 from lowrank_cli.errors import UsageError
-from lowrank_cli.io.checkpoint import Checkpoint
-from lowrank_cli.io.output import OutputDir, check_output_target
-from lowrank_cli.io.resolve import resolve_model
+from lowrank_cli.io.output import OutputDir
 from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
 
@@ -78,17 +77,8 @@ class QuantizeResult(Result):
 def quantize(model: str, opts: QuantizeOptions | None = None, progress: Progress | None = None,
              **overrides) -> QuantizeResult:
     """Quantize MODEL's block linears (both factors of each factorized layer). Raises UsageError (2)."""
-    opts = with_overrides(opts or QuantizeOptions(), overrides)
-    opts.validate()
-    path = resolve_model(model)
-    if not opts.dry_run:
-        check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
-        check_device(opts.device)
-    ckpt = Checkpoint(path)
-    check_seq_len(ckpt, opts.calib_seq_len)
-    if ckpt.quantization:
-        raise UsageError(f"'{model}' is already quantized ({ckpt.quantization.get('quant_method', '?')}); "
-                         "quantize a full-precision checkpoint")
+    opts, path, ckpt = open_input(model, opts or QuantizeOptions(), overrides,
+                                  refuse_quantized="quantize a full-precision checkpoint")
     job = _Job(model, path, ckpt, opts, progress or Progress())
     return job.plan_only() if opts.dry_run else job.run()
 
@@ -138,20 +128,11 @@ def check_packable(ckpt, targets) -> None:
         raise UsageError(f"cannot pack '{name}' in the GPTQ format: {reason}{more}{hint}")
 
 
-class _Job:
+class _Job(SolverJob):
     """One quantize run: plan -> one pipeline pass (baseline and quantized side by side) -> write."""
 
     def __init__(self, model: str, path, ckpt, opts: QuantizeOptions, progress: Progress):
-        from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
-        from lowrank_cli.engine.targets import select_targets
-
-        self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
-        self.timer = Timer()
-        self.dtype = resolve_dtype(opts.dtype, opts.device)
-        with self.timer("load"):
-            self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
-                                          offload_dir=opts.offload_dir)
-            self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, None)
+        super().__init__(model, path, ckpt, opts, progress)
         check_packable(ckpt, self.targets)
         if opts.group_size not in LOADABLE_GROUP_SIZES:
             sizes = ", ".join(map(str, LOADABLE_GROUP_SIZES[1:]))

@@ -1,0 +1,46 @@
+"""What every streamed solver job (decompose, quantize, compress) does before its own work: validate the
+options, resolve the model, check the output and device (a --dry-run plan may be made for a device this
+machine lacks), open the checkpoint, then build the streamed skeleton and pick the targets."""
+
+from __future__ import annotations
+
+from lowrank_cli.api.common import Timer, check_device, check_seq_len, with_overrides
+from lowrank_cli.errors import UsageError
+from lowrank_cli.io.checkpoint import Checkpoint
+from lowrank_cli.io.output import check_output_target
+from lowrank_cli.io.resolve import resolve_model
+
+__all__ = ["open_input", "SolverJob"]
+
+
+def open_input(model: str, opts, overrides: dict, *, refuse_quantized: str) -> tuple:
+    """(opts with overrides, resolved path, Checkpoint). `refuse_quantized`: the hint for a GPTQ input."""
+    opts = with_overrides(opts, overrides)
+    opts.validate()
+    path = resolve_model(model)
+    if not opts.dry_run:
+        if opts.output:
+            check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
+        check_device(opts.device)
+    ckpt = Checkpoint(path)
+    check_seq_len(ckpt, opts.calib_seq_len)
+    if ckpt.quantization:
+        raise UsageError(f"'{model}' is already quantized ({ckpt.quantization.get('quant_method', '?')}); "
+                         f"{refuse_quantized}")
+    return opts, path, ckpt
+
+
+class SolverJob:
+    """The streamed model (skeleton on meta; `--dry-run` reads headers only, on CPU), its targets, a timer."""
+
+    def __init__(self, model: str, path, ckpt, opts, progress, patterns=None):
+        from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
+        from lowrank_cli.engine.targets import select_targets
+
+        self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
+        self.timer = Timer()
+        self.dtype = resolve_dtype(opts.dtype, opts.device)
+        with self.timer("load"):
+            self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
+                                          offload_dir=opts.offload_dir)
+            self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, patterns)
