@@ -5,10 +5,12 @@ Flow:
      the model's skeleton, a --resume checkpoint's fingerprint;
   2. data: train and held-out examples (`lowrank_cli.train.data`), perplexity windows (the eval protocol);
   3. perplexity of the original model; full-parameter training through the shared loop
-     (`lowrank_cli.train.loop`) with `TRPCallback`: every --period steps each target is projected to its
-     --energy truncated SVD and the nuclear sub-gradient is added;
-  4. perplexity after training (dense); each target factorized at its --final-energy rank where below
-     break-even; perplexity of the factorized model;
+     (`lowrank_cli.train.loop`) with --optimizer (SGD momentum 0.9 by default, as the paper) and
+     `TRPCallback`: every --period steps each target is projected to its --energy truncated SVD and the
+     nuclear sub-gradient is added;
+  4. perplexity after training (dense); each target factorized where below break-even, at the rank the
+     --final-rule gives (default: singular values >= --final-threshold, the authors' rule; or
+     --final-energy); perplexity of the factorized model;
   5. write the factorized checkpoint in the format of `lowrank decompose` (loads with
      trust_remote_code=True), ranks over training (trp_ranks.jsonl / .png), loss curve, manifest.
 
@@ -18,33 +20,42 @@ the targets adapt to the truncations). --freeze-non-targets trains only the targ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
+from lowrank_cli.api import trp_flow
 from lowrank_cli.api.common import with_overrides
+from lowrank_cli.api.trp_flow import TRPResult
 from lowrank_cli.errors import UsageError
-from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
 
-__all__ = ["TRPOptions", "TRPResult", "trp_train"]
+__all__ = ["TRPOptions", "TRPResult", "trp_train", "FINAL_RULES"]
+
+FINAL_RULES = ("threshold", "energy")
 
 
 @dataclass
 class TRPOptions:
-    """Every knob of a trp-train run; TRP defaults follow the official code/README (period 5, energy 0.9,
-    nuclear weight 3e-4); training defaults suit fine-tuning a pretrained LM (lr 1e-4)."""
+    """Every knob of a trp-train run. TRP follows the paper's code: SGD with momentum 0.9, a truncation
+    every 5 steps, the nuclear weight 3e-4, the final factorization by a singular-value threshold (0.05).
+    `lr` and `nuclear_weight` left None take the optimizer's defaults (`methods/trp/optim.py`, with the
+    reasons). The training `energy` is 0.99, not the paper's 0.9: each truncation removes 1 - energy of
+    what is left, and 0.9 collapses a pretrained LM within tens of steps (README, TRP benchmark)."""
 
     output: str | None = None
     data: str | None = None  # default: the stdlib's "train" part
     eval_data: str | None = None  # default: held out from --data (stdlib: its "eval" part)
     text_field: str = "text"
     period: int = 5  # optimizer steps between truncations
-    energy: float = 0.9  # fraction of squared singular values kept by each truncation
-    nuclear_weight: float = 3e-4  # lambda of the nuclear-norm sub-gradient; 0 = off
-    final_energy: float = 0.9  # energy of the final factorization
+    energy: float = 0.99  # fraction of squared singular values kept by each truncation
+    nuclear_weight: float | None = None  # lambda of the nuclear-norm sub-gradient; 0 = off; None: per optimizer
+    optimizer: str = "sgd"  # sgd (momentum 0.9, the paper's) | adamw
+    final_rule: str = "threshold"  # threshold (the authors' rule) | energy
+    final_threshold: float = 0.05  # keep singular values >= this (absolute), the authors' ValueThreshold(0.05)
+    final_energy: float = 0.99  # energy kept by the final factorization when final_rule = "energy"
     targets: list[str] | None = None  # module-name patterns; None = every linear in the decoder blocks
     freeze_non_targets: bool = False
     svd: str = "auto"  # auto | exact | randomized (see methods/trp/svd.py)
-    lr: float = 1e-4
+    lr: float | None = None  # None: per optimizer
     weight_decay: float = 0.0
     epochs: float | None = None
     max_steps: int | None = None
@@ -65,6 +76,7 @@ class TRPOptions:
     seed: int = 0
 
     def validate(self) -> None:
+        from lowrank_cli.methods.trp.optim import OPTIMIZERS
         from lowrank_cli.methods.trp.svd import SVD_METHODS
         from lowrank_cli.train.loop import sharded_launch
 
@@ -78,8 +90,14 @@ class TRPOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
         if self.period < 1:
             raise UsageError(f"--period must be at least 1, got {self.period}")
-        if self.nuclear_weight < 0:
+        if self.nuclear_weight is not None and self.nuclear_weight < 0:
             raise UsageError(f"--nuclear-weight must be >= 0, got {self.nuclear_weight}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown --optimizer '{self.optimizer}' (choose {', '.join(OPTIMIZERS)})")
+        if self.final_rule not in FINAL_RULES:
+            raise UsageError(f"unknown --final-rule '{self.final_rule}' (choose {', '.join(FINAL_RULES)})")
+        if self.final_threshold < 0:
+            raise UsageError(f"--final-threshold must be >= 0, got {self.final_threshold}")
         if self.svd not in SVD_METHODS:
             raise UsageError(f"unknown --svd '{self.svd}' (choose {', '.join(SVD_METHODS)})")
         if not self.output:
@@ -94,7 +112,15 @@ class TRPOptions:
         from lowrank_cli.io.writer import parse_size
 
         parse_size(self.max_shard_size)
-        self.loop_config({}).validate()
+        self.resolved().loop_config({}).validate()
+
+    def resolved(self) -> TRPOptions:
+        """A copy with lr and nuclear_weight filled in from the optimizer's defaults where left None."""
+        from lowrank_cli.methods.trp.optim import DEFAULTS
+
+        d = DEFAULTS[self.optimizer]
+        return replace(self, lr=d["lr"] if self.lr is None else self.lr,
+                       nuclear_weight=d["nuclear_weight"] if self.nuclear_weight is None else self.nuclear_weight)
 
     def loop_config(self, fingerprint: dict):
         from lowrank_cli.train.loop import LoopConfig
@@ -106,54 +132,15 @@ class TRPOptions:
                           eval_every=self.eval_every, save_every=self.save_every, fingerprint=fingerprint)
 
     def fingerprint(self, model_fingerprint: str) -> dict:
-        keep = ("period", "energy", "nuclear_weight", "targets", "freeze_non_targets", "svd", "data",
+        keep = ("period", "energy", "nuclear_weight", "optimizer", "targets", "freeze_non_targets", "svd", "data",
                 "eval_data", "text_field", "max_seq_len", "max_eval_examples")
         return {"model": model_fingerprint, "method": "trp", "options": {k: getattr(self, k) for k in keep}}
-
-
-@dataclass
-class TRPResult(Result):
-    model: str
-    output: str | None
-    params: dict  # model/targeted before and after, trainable during training
-    perplexity: dict  # before, trained (dense), final (factorized), eval tokens
-    ranks: dict  # final: module -> rank (factorized modules only)
-    dense_layers: list  # targets left dense (at or above break-even)
-    rank_history: dict  # first/last TRP step's mean rank fraction, TRP steps
-    overhead: dict  # TRP's measured cost against plain steps
-    training: dict  # steps, tokens, losses
-    timings_s: dict = field(default_factory=dict)
-    files: list = field(default_factory=list)
-
-    def summary(self):
-        p, q, o = self.params, self.perplexity, self.overhead
-        return [
-            ("model", self.model), ("output", self.output),
-            ("model params", f"{p['model_before']:,} -> {p['model_after']:,} ({p['model_ratio']:.3f})"),
-            ("targeted params", f"{p['targeted_before']:,} -> {p['targeted_after']:,} "
-                                f"({p['targeted_ratio']:.3f})"),
-            ("factorized layers", f"{len(self.ranks)} of {p['targeted_layers']}"),
-            ("perplexity", f"{q['before']:.4f} -> {q['trained']:.4f} trained -> {q['final']:.4f} factorized"),
-            ("steps", f"{self.training['steps']} ({self.rank_history['trp_steps']} TRP steps)"),
-            ("TRP overhead", f"{o['trp_seconds']:.2f} s in SVDs ({_percent(o['total_fraction'])} of training); "
-                             f"TRP step {_seconds(o['mean_trp_step_s'])} vs plain {_seconds(o['mean_plain_step_s'])}"),
-            ("time", f"{sum(self.timings_s.values()):.1f} s"),
-        ]
-
-
-def _seconds(value) -> str:
-    return "n/a" if value is None else f"{value:.3f} s"
-
-
-def _percent(value) -> str:
-    return "n/a" if value is None else f"{value * 100:+.1f}%"
 
 
 def trp_train(model: str, opts: TRPOptions | None = None, progress: Progress | None = None,
               **overrides) -> TRPResult:
     """TRP-train MODEL and write the factorized result; see TRPOptions. UsageError (exit 2) on bad input."""
-    from lowrank_cli.api import trp_flow
-
     opts = with_overrides(opts or TRPOptions(), overrides)
     opts.validate()
+    opts = opts.resolved()
     return trp_flow.run(model, opts, progress or Progress())

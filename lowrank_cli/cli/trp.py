@@ -12,21 +12,25 @@ from lowrank_cli.cli.runner import run
 EPILOG = """\
 [bold]Examples[/bold]
 
-  # TRP on the demo model: truncate every 5 steps at 90% energy, nuclear weight 3e-4, factorize at 90%
-  lowrank trp-train demo -o out/demo-trp --max-steps 200
-  # MLP layers only, your text, a stronger low-rank pull
-  lowrank trp-train HuggingFaceTB/SmolLM2-135M --data corpus/ --targets 'mlp.*' --energy 0.8 \\
-      --nuclear-weight 1e-3 --final-energy 0.85 -o out/smol-trp --max-steps 2000 --device cuda
+  # TRP as the paper runs it (SGD momentum 0.9, lr 1e-2, lambda 3e-4, truncate every 5 steps), final
+  # factorization by the authors' singular-value threshold 0.05
+  lowrank trp-train demo -o out/demo-trp --max-steps 60
+  # AdamW instead (lr 1e-4, lambda 0 by default), MLP layers only, final rank by energy
+  lowrank trp-train HuggingFaceTB/SmolLM2-135M --data corpus/ --targets 'mlp.*' --optimizer adamw \\
+      --final-rule energy --final-energy 0.99 -o out/smol-trp --max-steps 2000 --device cuda
   # continue a run with checkpoints after a crash (same options + --resume)
   lowrank trp-train demo -o out/demo-trp --max-steps 2000 --save-every 200 --resume
 
 [bold]Algorithm[/bold] (Trained Rank Pruning, Xu et al. 2018): ordinary training, except that every
 --period optimizer steps each targeted weight is replaced by its truncated SVD keeping --energy of its
 squared singular values (that step's forward/backward runs on the low-rank weights) and the nuclear-norm
-sub-gradient --nuclear-weight * U V^T is added to its gradient. At the end each target is factorized at
-its --final-energy rank; layers at or above break-even stay dense. The output is a factorized checkpoint
-like `lowrank decompose` writes (trust_remote_code=True), with trp_ranks.jsonl/.png (rank of every layer
-at every TRP step) and loss_curve.jsonl/.png.
+sub-gradient --nuclear-weight * U V^T is added to its gradient. Each truncation removes 1 - energy of
+what is left, so the paper's 0.9 (CIFAR, from scratch) collapses a pretrained LM in tens of steps: the
+default is 0.99. At the end each target is factorized at the rank --final-rule gives: threshold (default,
+the authors' code) keeps the singular values >= --final-threshold, which costs little because the
+trained weights are already low-rank; energy keeps --final-energy. Layers at or above break-even stay
+dense. The output is a factorized checkpoint like `lowrank decompose` writes (trust_remote_code=True),
+with trp_ranks.jsonl/.png (rank of every layer at every TRP step) and loss_curve.jsonl/.png.
 """
 
 TRP, DATA, TRAIN, CKPT = "TRP", "Data", "Training", "Checkpoints"
@@ -38,12 +42,19 @@ def trp_command(
     period: Annotated[int, typer.Option("--period", help="Optimizer steps between truncations.",
                                         rich_help_panel=TRP)] = 5,
     energy: Annotated[float, typer.Option("--energy", help="Fraction of the squared singular values each "
-                                          "truncation keeps, in (0, 1].", rich_help_panel=TRP)] = 0.9,
-    nuclear_weight: Annotated[float, typer.Option("--nuclear-weight", help="Nuclear-norm weight lambda "
-                                                  "(sub-gradient added on truncation steps); 0: off.",
-                                                  rich_help_panel=TRP)] = 3e-4,
-    final_energy: Annotated[float, typer.Option("--final-energy", help="Energy kept by the final "
-                                                "factorization, in (0, 1].", rich_help_panel=TRP)] = 0.9,
+                                          "truncation keeps, in (0, 1].", rich_help_panel=TRP)] = 0.99,
+    nuclear_weight: Annotated[float | None, typer.Option(
+        "--nuclear-weight", help="Nuclear-norm weight lambda (sub-gradient added on truncation steps); 0: "
+        "off. Default per optimizer: sgd 3e-4 (the paper's), adamw 0.", rich_help_panel=TRP,
+        show_default=False)] = None,
+    final_rule: Annotated[str, typer.Option("--final-rule", help="Rank of the final factorization: threshold "
+                                            "(singular values >= --final-threshold, the authors' rule) or "
+                                            "energy (--final-energy).", rich_help_panel=TRP)] = "threshold",
+    final_threshold: Annotated[float, typer.Option("--final-threshold", help="Smallest singular value kept "
+                                                   "by --final-rule threshold (absolute).",
+                                                   rich_help_panel=TRP)] = 0.05,
+    final_energy: Annotated[float, typer.Option("--final-energy", help="Energy kept by --final-rule energy, in "
+                                                "(0, 1].", rich_help_panel=TRP)] = 0.99,
     targets: Annotated[str | None, typer.Option(
         "--targets", help="Comma-separated module-name patterns (globs; a bare name like c_fc matches it in "
         "every block). Default: every linear layer inside the decoder blocks.", rich_help_panel=TRP,
@@ -66,7 +77,10 @@ def trp_command(
                                              "before and after.", rich_help_panel=DATA)] = 4096,
     max_eval_examples: Annotated[int, typer.Option("--max-eval-examples", help="Held-out examples for the "
                                                    "eval loss.", rich_help_panel=DATA)] = 256,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=TRAIN)] = 1e-4,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum 0.9, the paper's) or adamw.",
+                                           rich_help_panel=TRAIN)] = "sgd",
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. Default per optimizer: sgd 1e-2, "
+                                             "adamw 1e-4.", rich_help_panel=TRAIN, show_default=False)] = None,
     epochs: opt.EPOCHS = None,
     max_steps: opt.MAX_STEPS = None,
     batch_size: opt.TRAIN_BATCH_SIZE = 4,
@@ -98,7 +112,8 @@ def trp_command(
 
         opts = TRPOptions(
             output=output, data=data, eval_data=eval_data, text_field=text_field, period=period, energy=energy,
-            nuclear_weight=nuclear_weight, final_energy=final_energy, targets=parse_patterns(targets),
+            nuclear_weight=nuclear_weight, optimizer=optimizer, final_rule=final_rule,
+            final_threshold=final_threshold, final_energy=final_energy, targets=parse_patterns(targets),
             freeze_non_targets=freeze_non_targets, svd=svd, lr=lr, weight_decay=weight_decay, epochs=epochs,
             max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
             warmup=warmup, max_grad_norm=max_grad_norm, eval_every=eval_every,
