@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lowrank_cli.api.common import check_device, load_tokenizer, with_overrides
@@ -26,7 +26,7 @@ from lowrank_cli.errors import UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
 from lowrank_cli.io.resolve import resolve_model
-from lowrank_cli.methods.finetune.spec import METHODS, AdapterSpec
+from lowrank_cli.methods.finetune.spec import METHODS, AdapterSpec, default
 from lowrank_cli.result import Result
 from lowrank_cli.utils.progress import Progress
 
@@ -48,11 +48,11 @@ class FinetuneOptions:
     eval_data: str | None = None  # default: 1 record in 10 of --data, by a stable hash
     text_field: str = "text"
     rank: int = 8
-    alpha: float | None = None  # None: 16 (lora, lora-pro: scaling 2 at rank 8); loldu 1 (the paper's sigma = 1/r)
+    alpha: float | None = None  # None: the method's default (methods/finetune/spec.py DEFAULTS, with reasons)
     dropout: float = 0.0
     rslora: bool = False
     targets: list[str] | None = None  # patterns; None = every linear in the decoder blocks
-    lr: float = 2e-4
+    lr: float | None = None  # None: the method's default (spec.py DEFAULTS: 2e-4; loldu 1e-2)
     epochs: float | None = None  # default 1 when max_steps is not set
     max_steps: int | None = None
     batch_size: int = 4
@@ -106,8 +106,12 @@ class FinetuneOptions:
             log.debug("--resume without --save-every: the resumed run writes no further checkpoints")
         self.loop_config({}).validate()
 
+    def learning_rate(self) -> float:
+        """--lr, or the method's default."""
+        return self.lr if self.lr is not None else default(self.method, "lr")
+
     def adapter_spec(self, targets: list[str]) -> AdapterSpec:
-        alpha = self.alpha if self.alpha is not None else (1.0 if self.method == "loldu" else 16.0)
+        alpha = self.alpha if self.alpha is not None else default(self.method, "alpha")
         return AdapterSpec(method=self.method, targets=targets, rank=self.rank, alpha=alpha,
                            dropout=self.dropout, rslora=self.rslora, bone_variant=self.bone_variant,
                            lora_pro_mode=self.lora_pro_mode)
@@ -115,7 +119,7 @@ class FinetuneOptions:
     def loop_config(self, fingerprint: dict):
         from lowrank_cli.train.loop import LoopConfig
 
-        return LoopConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
+        return LoopConfig(lr=self.learning_rate(), weight_decay=self.weight_decay, epochs=self.epochs,
                           max_steps=self.max_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
                           warmup=self.warmup, max_grad_norm=self.max_grad_norm or None,
                           device=self.device, seed=self.seed,
@@ -178,6 +182,9 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
     opts = with_overrides(opts or FinetuneOptions(), overrides)
     progress = progress or Progress()
     opts.validate()
+    # the method's defaults written in: the manifest and the resume fingerprint name the values used
+    opts = replace(opts, lr=opts.learning_rate(),
+                   alpha=opts.alpha if opts.alpha is not None else default(opts.method, "alpha"))
     path = resolve_model(model)
     check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
     check_device(opts.device)
@@ -215,7 +222,7 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
     torch.manual_seed(opts.seed)  # adapter initialisation
     net = method.attach(net, spec)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    optimizer = method.optimizer(net, spec, lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = method.optimizer(net, spec, lr=opts.learning_rate(), weight_decay=opts.weight_decay)
 
     from lowrank_cli.train.loop import train
 

@@ -82,7 +82,9 @@ def finetune_command(
                                           "blocks (no padding).", rich_help_panel=DATA)] = False,
     max_eval_examples: Annotated[int, typer.Option("--max-eval-examples", help="Held-out examples "
                                                    "evaluated.", rich_help_panel=DATA)] = 256,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=TRAIN)] = 2e-4,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. Default per method: 2e-4; loldu "
+                                             "1e-2 (it trains r numbers per layer).", rich_help_panel=TRAIN,
+                                             show_default=False)] = None,
     epochs: opt.EPOCHS = None,
     max_steps: opt.MAX_STEPS = None,
     batch_size: opt.TRAIN_BATCH_SIZE = 4,

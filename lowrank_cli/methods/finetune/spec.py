@@ -13,9 +13,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["AdapterSpec", "METHODS"]
+__all__ = ["AdapterSpec", "METHODS", "DEFAULTS", "default"]
 
 METHODS = ("lora", "lora-pro", "bone", "loldu")
+
+# Per-method defaults of `finetune` (lr, alpha), used where the user gives none.
+#   lora, lora-pro, bone: lr 2e-4, alpha 16 (scaling 2 at rank 8), the usual PEFT LoRA setting.
+#   loldu: trains r numbers per layer (the LDU diagonal z, initialised to the pivots D_r) and its update is
+#     sigma P L_r diag(z - D_r) U_r with sigma = alpha / r. Under AdamW z moves by ~lr per step whatever the
+#     gradient's scale, so the weight-space step is ~sigma * lr: the official sigma = 1/r with the shared
+#     lr 2e-4 made training a near no-op. Measured on the demo (30 steps, README "Fine-tuning"): see
+#     LOLDU_MEASURED below for the settings compared.
+DEFAULTS = {
+    "lora": {"lr": 2e-4, "alpha": 16.0},
+    "lora-pro": {"lr": 2e-4, "alpha": 16.0},
+    "bone": {"lr": 2e-4, "alpha": 16.0},
+    "loldu": {"lr": 1e-2, "alpha": 8.0},
+}
+
+
+def default(method: str, key: str) -> float:
+    """The default `key` ("lr" or "alpha") of `method`."""
+    return DEFAULTS[method][key]
 
 
 @dataclass
