@@ -19,9 +19,11 @@ The LM head (cost independent of the blocks, large for big vocabularies: 262k en
 differentiated by autograd. The gradient of the summed next-token loss with respect to the head's input z
 is computed by hand in token chunks: logits = z W^T (+ b, + the model's final-logit soft-capping when its
 config sets one), softmax, minus the one-hot target, times W. Per token that is the head's forward matmul
-and the one matmul back to z: no gradient for the head weight (autograd computed that third matmul of the
-same size), and logits exist for one chunk at a time, never for the whole batch. Only the final norm
-between the last block and the head goes through autograd. On the first batch the hand-made logits are
+and the one matmul back to z (the least an exact gradient needs; never a gradient for the head weight), and
+logits exist for one chunk (``CHUNK_LOGITS`` values) at a time. Autograd through the head did the same two
+matmuls but held the whole batch's float32 logits, their log-softmax and its gradient at once (three
+batch x seq x vocabulary tensors: 1.6 GB for 512 tokens of a 262k vocabulary), which is what made the head
+dominate. Only the final norm between the last block and the head goes through autograd. On the first batch the hand-made logits are
 checked against the model's own on a few positions; a model whose head does something else (a logit
 scale, ...) falls back to autograd through the head, with a log line.
 """
