@@ -50,7 +50,7 @@ def finetune_command(
     rank: Annotated[int, typer.Option("--rank", "-r", help="Adapter rank (bone: block size).",
                                       rich_help_panel=METHOD)] = 8,
     alpha: Annotated[float | None, typer.Option("--alpha", help="Scaling numerator: alpha/rank (alpha/sqrt(rank) "
-                                                "with --rslora). Default 16; loldu 1 (the paper's sigma = 1/r).",
+                                                "with --rslora). Default 16; loldu 8 (sigma = alpha/r = 1 at rank 8; the paper's 1 barely trains).",
                                                 rich_help_panel=METHOD, show_default=False)] = None,
     dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input.",
                                            rich_help_panel=METHOD)] = 0.0,
@@ -83,7 +83,7 @@ def finetune_command(
     max_eval_examples: Annotated[int, typer.Option("--max-eval-examples", help="Held-out examples "
                                                    "evaluated.", rich_help_panel=DATA)] = 256,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. Default per method: 2e-4; loldu "
-                                             "1e-2 (it trains r numbers per layer).", rich_help_panel=TRAIN,
+                                             "3e-3 (it trains r numbers per layer).", rich_help_panel=TRAIN,
                                              show_default=False)] = None,
     epochs: opt.EPOCHS = None,
     max_steps: opt.MAX_STEPS = None,
