@@ -12,7 +12,7 @@ from lowrank_cli.cli.runner import run
 EPILOG = """\
 [bold]Examples[/bold]
 
-  # TRP as the paper runs it (SGD momentum 0.9, lr 1e-2, lambda 3e-4, truncate every 5 steps), final
+  # TRP as the paper runs it (SGD momentum 0.9, lr 1e-3, lambda 3e-4, truncate every 5 steps), final
   # factorization by the authors' singular-value threshold 0.05
   lowrank trp-train demo -o out/demo-trp --max-steps 60
   # AdamW instead (lr 1e-4, lambda 0 by default), MLP layers only, final rank by energy
@@ -79,7 +79,7 @@ def trp_command(
                                                    "eval loss.", rich_help_panel=DATA)] = 256,
     optimizer: Annotated[str, typer.Option("--optimizer", help="sgd (momentum 0.9, the paper's) or adamw.",
                                            rich_help_panel=TRAIN)] = "sgd",
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. Default per optimizer: sgd 1e-2, "
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. Default per optimizer: sgd 1e-3, "
                                              "adamw 1e-4.", rich_help_panel=TRAIN, show_default=False)] = None,
     epochs: opt.EPOCHS = None,
     max_steps: opt.MAX_STEPS = None,
