@@ -16,7 +16,7 @@ Data: `stdlib-prose` by default (the stdlib's documentation topics: English pros
 demo model was trained on, so there is something to learn in a few steps), held-out by its "eval" part.
 Every method trains on the same examples in the same order (same seed). Each method's learning rate and
 alpha are `lowrank finetune`'s defaults for it (methods/finetune/spec.py DEFAULTS: lr 2e-4 and alpha 16;
-loldu lr 3e-3 and alpha 8) unless --lr / --alpha override them for every method; warmup 0.03 and gradient
+loldu lr 1e-3 and alpha 8) unless --lr / --alpha override them for every method; warmup 0.03 and gradient
 clipping 1.0 as the CLI. What differs from the CLI's defaults: --seq-len 256 (CLI 512), the number of
 steps, and the data (stdlib-prose; the CLI's default is the stdlib's code).
 On a shared 2-core CPU the absolute seconds are noisy; the ratios to LoRA come from the same run.

@@ -52,7 +52,7 @@ class FinetuneOptions:
     dropout: float = 0.0
     rslora: bool = False
     targets: list[str] | None = None  # patterns; None = every linear in the decoder blocks
-    lr: float | None = None  # None: the method's default (spec.py DEFAULTS: 2e-4; loldu 3e-3)
+    lr: float | None = None  # None: the method's default (spec.py DEFAULTS: 2e-4; loldu 1e-3)
     epochs: float | None = None  # default 1 when max_steps is not set
     max_steps: int | None = None
     batch_size: int = 4

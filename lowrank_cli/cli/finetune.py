@@ -83,7 +83,7 @@ def finetune_command(
     max_eval_examples: Annotated[int, typer.Option("--max-eval-examples", help="Held-out examples "
                                                    "evaluated.", rich_help_panel=DATA)] = 256,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. Default per method: 2e-4; loldu "
-                                             "3e-3 (it trains r numbers per layer).", rich_help_panel=TRAIN,
+                                             "1e-3 (it trains r numbers per layer).", rich_help_panel=TRAIN,
                                              show_default=False)] = None,
     epochs: opt.EPOCHS = None,
     max_steps: opt.MAX_STEPS = None,
