@@ -50,7 +50,8 @@ def finetune_command(
     rank: Annotated[int, typer.Option("--rank", "-r", help="Adapter rank (bone: block size).",
                                       rich_help_panel=METHOD)] = 8,
     alpha: Annotated[float | None, typer.Option("--alpha", help="Scaling numerator: alpha/rank (alpha/sqrt(rank) "
-                                                "with --rslora). Default 16; loldu 8 (sigma = alpha/r = 1 at rank 8; the paper's 1 barely trains).",
+                                                "with --rslora). Default 16; loldu 8 (sigma = alpha/r = 1 at "
+                                                "rank 8; the paper's 1 barely trains).",
                                                 rich_help_panel=METHOD, show_default=False)] = None,
     dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input.",
                                            rich_help_panel=METHOD)] = 0.0,

@@ -23,9 +23,10 @@ and the one matmul back to z (the least an exact gradient needs; never a gradien
 logits exist for one chunk (``CHUNK_LOGITS`` values) at a time. Autograd through the head did the same two
 matmuls but held the whole batch's float32 logits, their log-softmax and its gradient at once (three
 batch x seq x vocabulary tensors: 1.6 GB for 512 tokens of a 262k vocabulary), which is what made the head
-dominate. Only the final norm between the last block and the head goes through autograd. On the first batch the hand-made logits are
-checked against the model's own on a few positions; a model whose head does something else (a logit
-scale, ...) falls back to autograd through the head, with a log line.
+dominate (measured: `benchmarks/sensitivity_head.py`). Only the final norm between the last block and the
+head goes through autograd. On the first batch the hand-made logits are checked against the model's own
+on a few positions; a model whose head does something else (a logit scale, ...) falls back to autograd
+through the head, with a log line.
 """
 
 from __future__ import annotations
