@@ -14,9 +14,11 @@ targets (every decoder-block linear), rank, batch and number of steps, through t
 
 Data: `stdlib-prose` by default (the stdlib's documentation topics: English prose, a shift from the code the
 demo model was trained on, so there is something to learn in a few steps), held-out by its "eval" part.
-Every method trains on the same examples in the same order (same seed). The learning rate is --lr for
-every method except loldu (--loldu-lr, default 2x): it trains only r numbers per layer (the LDU diagonal),
-whose scale is the layer's pivots, so its best step differs (1e-2 diverged on the demo, 1e-3 helped).
+Every method trains on the same examples in the same order (same seed). Each method's learning rate and
+alpha are `lowrank finetune`'s defaults for it (methods/finetune/spec.py DEFAULTS: lr 2e-4 and alpha 16;
+loldu lr 1e-3 and alpha 8) unless --lr / --alpha override them for every method; warmup 0.03 and gradient
+clipping 1.0 as the CLI. What differs from the CLI's defaults: --seq-len 256 (CLI 512), the number of
+steps, and the data (stdlib-prose; the CLI's default is the stdlib's code).
 On a shared 2-core CPU the absolute seconds are noisy; the ratios to LoRA come from the same run.
 
     python benchmarks/finetune_methods.py                                   # demo model, 30 steps
@@ -83,7 +85,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     from lowrank_cli.api.common import load_tokenizer
     from lowrank_cli.methods.finetune.registry import get_method
-    from lowrank_cli.methods.finetune.spec import AdapterSpec
+    from lowrank_cli.methods.finetune.spec import AdapterSpec, default
     from lowrank_cli.methods.finetune.targets import module_names, resolve_targets
     from lowrank_cli.modeling.export import load_model
     from lowrank_cli.train.data import build_datasets, collate_fn
@@ -96,15 +98,16 @@ def worker(args) -> dict:
                           max_eval_examples=args.eval_examples)
     net = load_model(path, dtype=torch.float32)
     net.requires_grad_(False)
-    spec = AdapterSpec(method=args.worker, rank=args.rank, alpha=2.0 * args.rank,
+    alpha = args.alpha if args.alpha is not None else default(args.worker, "alpha")
+    spec = AdapterSpec(method=args.worker, rank=args.rank, alpha=alpha,
                        targets=module_names(resolve_targets(net, None, rank=args.rank)))
     method = get_method(args.worker)
     torch.manual_seed(0)
     net = method.attach(net, spec)
-    lr = args.loldu_lr if args.worker == "loldu" else args.lr
+    lr = args.lr if args.lr is not None else default(args.worker, "lr")
     optimizer = method.optimizer(net, spec, lr=lr)
     timer = StepTimer()
-    config = LoopConfig(max_steps=args.steps, batch_size=args.batch_size, warmup=0.1, device="cpu", seed=0)
+    config = LoopConfig(max_steps=args.steps, batch_size=args.batch_size, warmup=0.03, device="cpu", seed=0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = train(net, optimizer, data.train, config=config, collate=collate_fn(pad), eval_dataset=data.eval,
                 callbacks=[timer])
@@ -112,7 +115,7 @@ def worker(args) -> dict:
                       if torch.is_tensor(t))
     steps = timer.times[1:] or timer.times
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    return {"method": args.worker, "lr": lr, "trainable": trainable, "modules": len(spec.targets),
+    return {"method": args.worker, "lr": lr, "alpha": alpha, "trainable": trainable, "modules": len(spec.targets),
             "step_s": statistics.median(steps), "step_s_all": timer.times,
             "peak_rss_bytes": peak_rss_bytes(),
             "optimizer_state_bytes": state_bytes, "eval_before": out.initial_eval_loss,
@@ -128,8 +131,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--loldu-lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None, help="every method (default: each one's CLI default)")
+    parser.add_argument("--alpha", type=float, default=None, help="every method (default: each one's CLI default)")
     parser.add_argument("--eval-examples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -143,9 +146,10 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     passthrough = ["--model", args.model, "--data", args.data, "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size),
-                   "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--lr", str(args.lr),
-                   "--loldu-lr", str(args.loldu_lr), "--eval-examples", str(args.eval_examples),
-                   "--threads", str(args.threads)]
+                   "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+                   "--eval-examples", str(args.eval_examples), "--threads", str(args.threads)]
+    passthrough += ["--lr", str(args.lr)] if args.lr is not None else []
+    passthrough += ["--alpha", str(args.alpha)] if args.alpha is not None else []
     for name in methods:
         proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", name], capture_output=True,
                               text=True, env=env)

@@ -366,13 +366,17 @@ def test_resolve_folder_without_config(tmp_path):
     one_line_usage_error(excinfo, "config.json")
 
 
-def test_resolve_demo():
-    if (demo_path() / "config.json").is_file():
-        assert (resolve_model("demo") / "config.json").is_file()
-    else:
-        with pytest.raises(UsageError) as excinfo:
-            resolve_model("demo")
-        one_line_usage_error(excinfo, "demo")
+def test_resolve_demo(tmp_path, monkeypatch):
+    # the demo model ships inside the package: it must be there
+    assert (demo_path() / "config.json").is_file() and (demo_path() / "model.safetensors").is_file()
+    assert resolve_model("demo") == demo_path()
+    # a build without it answers with one line naming the demo
+    import lowrank_cli.io.resolve as resolve
+
+    monkeypatch.setattr(resolve, "demo_path", lambda: tmp_path / "missing")
+    with pytest.raises(UsageError) as excinfo:
+        resolve.resolve_model("demo")
+    one_line_usage_error(excinfo, "demo")
 
 
 def test_resolve_unknown_hub_id_offline_is_fast(monkeypatch):

@@ -10,11 +10,47 @@ import pytest
 import torch
 
 from lowrank_cli.methods.quantize.gptq import gptq_quantize, output_error
-from lowrank_cli.methods.quantize.grid import Grid, dequantize, find_params, quantize, rtn_quantize
+from lowrank_cli.methods.quantize.grid import Grid, rtn_quantize
 from lowrank_cli.methods.quantize.packing import pack, pack_bits, unpack, unpack_bits
 
 HAS_KERNELS = all(importlib.util.find_spec(m) is not None for m in ("optimum", "gptqmodel"))
 needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="optimum + gptqmodel not installed (extra 'gptq')")
+
+
+def _reference_grid(w, bits: int, sym: bool):
+    """Scale and zero point per row of `w`, written naively from the grid's specification (one row at a
+    time, plain Python floats), independent of the unit's own find_params: the range [min, max] widened
+    to include 0; symmetric: zero point 2^(bits-1) and scale 2 max|w| / (2^bits - 1); asymmetric: scale
+    (max - min) / (2^bits - 1), zero = round(-min / scale), and a zero point below 1 (not storable in
+    GPTQ v1) replaced by 1 with scale max / (2^bits - 2); scales rounded to float16 as stored."""
+    maxq = 2 ** bits - 1
+    scales, zeros = [], []
+    for row in w.tolist():
+        lo, hi = min(min(row), 0.0), max(max(row), 0.0)
+        if sym:
+            hi = max(-lo, hi)
+            lo = -hi
+        if lo == 0.0 and hi == 0.0:
+            lo, hi = -1.0, 1.0
+        scale = (hi - lo) / maxq
+        if sym:
+            zero = float((maxq + 1) // 2)
+        else:
+            zero = float(round(-lo / scale))
+            if zero < 1:
+                scale, zero = hi / (maxq - 1), 1.0
+        scale = float(torch.tensor(max(scale, torch.finfo(torch.float16).tiny)).to(torch.float16))
+        scales.append(scale)
+        zeros.append(zero)
+    return scales, zeros
+
+
+def _reference_round(col, scales, zeros, maxq: int):
+    """(integer levels, dequantized values) of one column, row by row."""
+    rows = zip(col.tolist(), scales, zeros, strict=True)
+    q = [min(max(float(round(x / s)) + z, 0.0), float(maxq)) for x, s, z in rows]
+    deq = [s * (v - z) for v, s, z in zip(q, scales, zeros, strict=True)]
+    return torch.tensor(q, dtype=torch.float64), torch.tensor(deq, dtype=torch.float64)
 
 
 def reference_gptq(W, H, grid: Grid, damp: float, act_order: bool):
@@ -33,10 +69,10 @@ def reference_gptq(W, H, grid: Grid, damp: float, act_order: bool):
     Q = torch.zeros_like(W)
     for j in range(cols):
         if j % gs == 0:
-            scale, zero = find_params(W[:, j:j + gs], grid)
-        q = quantize(W[:, j], scale, zero, grid.maxq)
+            scales, zeros = _reference_grid(W[:, j:j + gs], grid.bits, grid.sym)
+        q, deq = _reference_round(W[:, j], scales, zeros, grid.maxq)
         Q[:, j] = q
-        err = (W[:, j] - dequantize(q, scale, zero)) / Hinv[j, j]
+        err = (W[:, j] - deq) / Hinv[j, j]
         W[:, j:] -= err.unsqueeze(1) * Hinv[j, j:].unsqueeze(0)
         # remove column j from the inverse Hessian (Schur complement): the paper's update
         Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]

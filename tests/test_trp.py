@@ -8,7 +8,7 @@ import torch
 
 from lowrank_cli.methods.trp.callback import TRPCallback
 from lowrank_cli.methods.trp.factorize import conv_nc_pair, replace_linears
-from lowrank_cli.methods.trp.svd import energy_rank, nuclear_subgradient, project, truncated_svd
+from lowrank_cli.methods.trp.svd import energy_rank, nuclear_subgradient, project, svd_above, truncated_svd, value_rank
 
 
 def with_spectrum(m, n, s, seed=0):
@@ -182,3 +182,24 @@ def test_auto_uses_randomized_svd_for_large_layers_only(monkeypatch):
     assert auto.method == "randomized" and auto.kept_energy >= 0.9 - 1e-4
     # a probe that would need half of min(m, n) or more gains nothing: the exact SVD is used
     assert truncated_svd(w, 0.999, method="auto", guess=200).method == "exact"
+
+
+def test_final_threshold_keeps_singular_values_above_it():
+    """The authors' ValueThreshold: k = #(s >= threshold), at least 1; the factorized layer is the
+    projection onto those values (checked against a weight built with known singular values)."""
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(9, 6, generator=g, dtype=torch.float64))
+    s = torch.tensor([2.0, 1.0, 0.3, 0.06, 0.04, 0.001], dtype=torch.float64)
+    w = (u * s) @ v.T
+    assert value_rank(s, 0.05) == 4 and value_rank(s, 5.0) == 1 and value_rank(s, 0.0) == 6
+    t = svd_above(w, 0.05)
+    assert t.k == 4
+    torch.testing.assert_close(project(t), (u[:, :4] * s[:4]) @ v[:, :4].T)
+    net = torch.nn.Sequential(torch.nn.Linear(9, 12, bias=False).double())
+    with torch.no_grad():
+        net[0].weight.copy_(w)
+    (chosen,) = replace_linears(net, ["0"], threshold=0.05)
+    assert chosen.rank == 4 and chosen.factorized
+    with pytest.raises(ValueError, match="exactly one"):
+        replace_linears(net, ["0"], 0.9, threshold=0.05)

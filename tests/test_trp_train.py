@@ -105,6 +105,9 @@ def test_resume_is_exact(tiny_llama, tmp_path):
     (["--energy", "1.5"], "--energy must be in (0, 1]"),
     (["--final-energy", "-0.1"], "--final-energy must be in (0, 1]"),
     (["--period", "0"], "--period must be at least 1"),
+    (["--optimizer", "adam"], "unknown --optimizer 'adam'"),
+    (["--final-rule", "rank"], "unknown --final-rule 'rank'"),
+    (["--final-threshold", "-1"], "--final-threshold must be >= 0"),
     (["--targets", "no_such_layer"], "matches no linear layer"),
 ])
 def test_refused_inputs(args, match, tiny_llama, tmp_path):
@@ -130,3 +133,19 @@ def test_refuses_factorized_base(tmp_path, tiny_llama):
 def test_help_has_examples(command):
     code, res = cli(command, "--help")
     assert code == 0 and "Examples" in res.stdout and "--json" in res.stdout
+
+
+def test_defaults_are_the_papers_sgd_and_per_optimizer():
+    """SGD momentum 0.9 with lr/lambda from the optimizer's table unless given; AdamW has its own."""
+    from lowrank_cli.api.trp import TRPOptions
+    from lowrank_cli.methods.trp.optim import MOMENTUM, make_optimizer
+
+    sgd = TRPOptions(output="o").resolved()
+    assert (sgd.optimizer, sgd.lr, sgd.nuclear_weight, sgd.energy, sgd.final_rule, sgd.final_threshold) == \
+        ("sgd", 1e-3, 3e-4, 0.99, "threshold", 0.05)
+    adamw = TRPOptions(output="o", optimizer="adamw").resolved()
+    assert (adamw.lr, adamw.nuclear_weight) == (1e-4, 0.0)
+    given = TRPOptions(output="o", optimizer="adamw", lr=5e-5, nuclear_weight=1e-3).resolved()
+    assert (given.lr, given.nuclear_weight) == (5e-5, 1e-3)
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], "sgd", lr=1e-3)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == MOMENTUM == 0.9

@@ -1,4 +1,8 @@
-"""`lowrank decompose`: LoRD low-rank compression of a checkpoint's linear layers under a budget.
+"""`lowrank decompose`: low-rank compression of a checkpoint's linear layers under a budget.
+
+The per-layer factorization is LoRD's (data-aware, one-shot); the Fisher allocation, the sequential
+calibration (Grams measured on the compressed model's own activations, which re-measures the inputs but
+does not compensate upstream error) and the perplexity-budget search are this project's additions.
 
 Flow (every model pass streams one decoder block at a time):
   1. profile: the original model over calibration text -> each layer's error-versus-rank curve, and over

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from lowrank_cli.api.common import check_device, load_tokenizer, with_overrides
@@ -84,6 +84,9 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
     opts = with_overrides(opts or FinetuneOptions(), overrides)
     progress = progress or Progress()
     opts.validate()
+    # the method's defaults written in: the manifest and the resume fingerprint name the values used
+    opts = replace(opts, lr=opts.learning_rate(),
+                   alpha=opts.adapter_spec([]).alpha)
     path = resolve_model(model)
     check_output_target(opts.output, overwrite=opts.overwrite, inputs=[path])
     check_device(opts.device)
@@ -124,7 +127,7 @@ def finetune(model: str, opts: FinetuneOptions | None = None, progress: Progress
     with contextlib.nullcontext() if has_quantized_layers(net) else gptqmodel_hidden():
         net = method.attach(net, spec)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    optimizer = method.optimizer(net, spec, lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = method.optimizer(net, spec, lr=opts.learning_rate(), weight_decay=opts.weight_decay)
 
     from lowrank_cli.train.loop import train
 

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lowrank_cli.api.common import Timer, check_device, load_tokenizer, text_windows
@@ -15,11 +15,51 @@ from lowrank_cli.errors import RuntimeFailure, UsageError
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import OutputDir, check_output_target
 from lowrank_cli.io.resolve import resolve_model
+from lowrank_cli.result import Result
 from lowrank_cli.train.callbacks import Callback
 
-__all__ = ["run", "StepTimer", "plot_ranks", "write_factorized"]
+__all__ = ["run", "TRPResult", "StepTimer", "plot_ranks", "write_factorized"]
 
 log = logging.getLogger("lowrank")
+
+
+@dataclass
+class TRPResult(Result):
+    model: str
+    output: str | None
+    params: dict  # model/targeted before and after, trainable during training
+    perplexity: dict  # before, trained (dense), final (factorized), eval tokens
+    ranks: dict  # final: module -> rank (factorized modules only)
+    dense_layers: list  # targets left dense (at or above break-even)
+    rank_history: dict  # first/last TRP step's mean rank fraction, TRP steps
+    overhead: dict  # TRP's measured cost against plain steps
+    training: dict  # steps, tokens, losses
+    timings_s: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+
+    def summary(self):
+        p, q, o = self.params, self.perplexity, self.overhead
+        return [
+            ("model", self.model), ("output", self.output),
+            ("model params", f"{p['model_before']:,} -> {p['model_after']:,} ({p['model_ratio']:.3f})"),
+            ("targeted params", f"{p['targeted_before']:,} -> {p['targeted_after']:,} "
+                                f"({p['targeted_ratio']:.3f})"),
+            ("factorized layers", f"{len(self.ranks)} of {p['targeted_layers']}"),
+            ("perplexity", f"{q['before']:.4f} -> {q['trained']:.4f} trained -> {q['final']:.4f} factorized"),
+            ("steps", f"{self.training['steps']} ({self.rank_history['trp_steps']} TRP steps, "
+                      f"{self.training.get('optimizer', '?')} lr {self.training.get('lr', '?')})"),
+            ("TRP overhead", f"{o['trp_seconds']:.2f} s in SVDs ({_percent(o['total_fraction'])} of training); "
+                             f"TRP step {_seconds(o['mean_trp_step_s'])} vs plain {_seconds(o['mean_plain_step_s'])}"),
+            ("time", f"{sum(self.timings_s.values()):.1f} s"),
+        ]
+
+
+def _seconds(value) -> str:
+    return "n/a" if value is None else f"{value:.3f} s"
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value * 100:+.1f}%"
 
 
 class StepTimer(Callback):
@@ -175,13 +215,13 @@ def run(model: str, opts, progress):
     import torch
 
     from lowrank_cli.api.finetune import default_checkpoint_dir
-    from lowrank_cli.api.trp import TRPResult
     from lowrank_cli.engine.streamed import build_empty_model, find_blocks
     from lowrank_cli.io.manifest import write_manifest
     from lowrank_cli.io.verify import verify_checkpoint
     from lowrank_cli.methods.decompose.targets import select_targets
     from lowrank_cli.methods.trp.callback import TRPCallback
     from lowrank_cli.methods.trp.factorize import replace_linears
+    from lowrank_cli.methods.trp.optim import make_optimizer
     from lowrank_cli.modeling.export import load_model
     from lowrank_cli.train.curve import plot_curve, write_curve_jsonl
     from lowrank_cli.train.data import build_datasets, collate_fn
@@ -239,7 +279,9 @@ def run(model: str, opts, progress):
     steps = StepTimer(trp.is_trp_step, cuda=device.startswith("cuda"))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     with timer("train"):
-        outcome = train(net, None, data.train, config=loop_config, collate=collate_fn(pad),
+        optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], opts.optimizer, lr=opts.lr,
+                                   weight_decay=opts.weight_decay)
+        outcome = train(net, optimizer, data.train, config=loop_config, collate=collate_fn(pad),
                         eval_dataset=data.eval, callbacks=[steps, trp],
                         checkpoint_dir=ckpt_dir if opts.save_every else None, resume_from=resume_from,
                         progress=progress)
@@ -247,7 +289,10 @@ def run(model: str, opts, progress):
     with timer("eval"):
         ppl_trained = _perplexity(net, windows.to(device), opts.batch_size)
     with timer("factorize"):
-        chosen = replace_linears(net, names, opts.final_energy, "exact" if opts.svd == "auto" else opts.svd)
+        if opts.final_rule == "threshold":
+            chosen = replace_linears(net, names, threshold=opts.final_threshold)
+        else:
+            chosen = replace_linears(net, names, opts.final_energy, "exact" if opts.svd == "auto" else opts.svd)
         ppl_final = _perplexity(net, windows.to(device), opts.batch_size)
     ranks = {r.name: r.rank for r in chosen if r.factorized}
     targeted_after = sum(r.params_after for r in chosen)
@@ -265,6 +310,7 @@ def run(model: str, opts, progress):
                "final_rank_fraction": sum(ranks.get(n, full[n]) for n in full) / sum(full.values())}
     overhead = steps.summary(trp.seconds, outcome.timings_s.get("train"))
     training = {"steps": outcome.steps, "tokens": outcome.tokens, "train_loss_final": outcome.final_train_loss,
+                "optimizer": opts.optimizer, "lr": opts.lr, "nuclear_weight": opts.nuclear_weight,
                 "eval_loss_before": outcome.initial_eval_loss, "eval_loss_after": outcome.final_eval_loss,
                 "step_mean_s": outcome.timings_s.get("step_mean"), "mixed_precision": outcome.mixed_precision,
                 "resumed_from_step": outcome.resumed_from_step}

@@ -20,7 +20,11 @@ API (finetune and trp-train both call it):
   the steps). Gradients are clipped to `max_grad_norm` (the norm before clipping is logged).
 - Steps: one optimizer step = `grad_accum` micro-batches of `batch_size` examples per process. Length is
   `max_steps`, or `epochs` passes over the data (micro-batches left over at the very end are dropped).
-  Epochs continue an unfinished accumulation rather than cutting it short.
+  Epochs continue an unfinished accumulation rather than cutting it short. A step's gradient is that of
+  the mean token loss over the whole window (every micro-batch on every process): each micro-batch's
+  summed loss is backpropagated and the sum divided by the window's labelled-token count (transformers'
+  `num_items_in_batch` idea), so batch 2 and batch 1 x accumulation 2 train the same weights even when
+  completions differ in length. The logged loss is that same token mean.
 - Precision: `mixed_precision="auto"` is bf16 autocast on a GPU that has bf16, else fp32.
 - Eval: the token-weighted mean loss over `eval_dataset` before training, every `eval_every` steps and at
   the end (best and final are reported).
@@ -417,6 +421,9 @@ def train(model, optimizer, train_dataset: Sequence, *, config: LoopConfig, coll
     micro = 0  # micro-batches since the last optimizer step
     window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     window_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    window_labels = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # predicted tokens
+    # DeepSpeed steps inside backward, before the window's gradient could be divided by its token count
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
     step_start = time.perf_counter()
     while run.step < total:
         _set_epoch(train_dl, run.epoch)
@@ -429,11 +436,17 @@ def train(model, optimizer, train_dataset: Sequence, *, config: LoopConfig, coll
                     cb.on_step_start(model_p, run.step)
             with accelerator.accumulate(model_p):
                 out = model_p(**batch)
-                accelerator.backward(out.loss)
-                window_loss += out.loss.detach().double()
+                labelled = _label_count(batch)
+                summed = _summed_loss(out, labelled)
+                accelerator.backward(out.loss if deepspeed else summed)
+                window_loss += summed.detach().double()
+                window_labels += labelled
                 window_tokens += _input_tokens(batch)
                 grad_norm = None
                 if accelerator.sync_gradients:
+                    window_labels = accelerator.reduce(window_labels, "sum")
+                    if not deepspeed:
+                        _divide_grads(params, window_labels, accelerator)
                     for cb in callbacks:
                         cb.on_before_optimizer_step(model_p, run.step)
                     if config.max_grad_norm:
@@ -450,9 +463,10 @@ def train(model, optimizer, train_dataset: Sequence, *, config: LoopConfig, coll
             # one optimizer step done
             lr = scheduler.get_last_lr()[0]
             tokens = int(accelerator.reduce(window_tokens, "sum").item())
-            loss = float(accelerator.reduce(window_loss / micro, "mean").item())
+            loss = float(accelerator.reduce(window_loss, "sum").item() / max(float(window_labels), 1.0))
             micro = 0
             window_loss.zero_()
+            window_labels = torch.zeros_like(window_loss)
             window_tokens.zero_()
             run.tokens += tokens
             run.step += 1
@@ -530,6 +544,46 @@ def _sequence_losses(logits, labels):
     nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="none")
     mask = shift_labels != -100
     return (nll * mask).double().sum(dim=1), mask.double().sum(dim=1)
+
+
+def _label_count(batch):
+    """Tokens whose next-token loss counts in this micro-batch (labels shifted by one, -100 left out), as a
+    float64 scalar on the batch's device."""
+    import torch
+
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"]
+    return (labels[:, 1:] != -100).sum().to(torch.float64)
+
+
+def _summed_loss(out, labelled):
+    """The micro-batch's summed token loss: HF models return the mean over its labelled tokens. A micro-batch
+    with no labelled token contributes zero (its mean is NaN) while every parameter still joins the graph
+    (DDP expects a gradient from each)."""
+    if float(labelled) == 0.0:
+        return out.logits.sum() * 0.0
+    return out.loss * labelled.to(out.loss.dtype)
+
+
+def _divide_grads(params, window_labels, accelerator) -> None:
+    """Token-weighted accumulation (the idea of transformers' `num_items_in_batch`): every micro-batch
+    backpropagated its summed loss, so the accumulated gradient is divided by the labelled tokens of the
+    whole window on every process (`window_labels`, already summed across processes). A micro-batch mean
+    per backward would weigh a short completion's tokens more than a long one's. accelerate's backward
+    divided each loss by the accumulation steps and DDP averaged over processes; both are undone here.
+    Under DeepSpeed the engine steps inside backward, before this could run: there the loop backpropagates
+    each micro-batch's mean loss instead (the old weighting; a documented limitation)."""
+    import torch
+
+    total = float(window_labels)
+    if total <= 0.0:
+        return
+    factor = accelerator.gradient_accumulation_steps * accelerator.num_processes / total
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
 
 def _input_tokens(batch):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from lowrank_cli.api.options import common
 from lowrank_cli.api.options.fields import DATA_PANEL, RUNTIME_PANEL, TRAIN_PANEL, option, parse_patterns
 from lowrank_cli.errors import UsageError
-from lowrank_cli.methods.finetune.spec import METHODS, AdapterSpec
+from lowrank_cli.methods.finetune.spec import METHODS, AdapterSpec, default
 
 __all__ = ["FinetuneOptions", "BONE_VARIANTS", "LORA_PRO_MODES"]
 
@@ -30,9 +30,9 @@ class FinetuneOptions:
                          "Affine (see --bone-variant); loldu: LDU-initialized, diagonal-only training, exported "
                          "as a LoRA adapter.")
     rank: int = option(8, flags=("--rank", "-r"), panel=METHOD, help="Adapter rank (bone: block size).")
-    # None: 16 (lora, lora-pro: scaling 2 at rank 8); loldu 1 (the paper's sigma = 1/r)
+    # None: the method's default (methods/finetune/spec.py DEFAULTS, with the measurements behind them)
     alpha: float | None = option(None, panel=METHOD, help="Scaling numerator: alpha/rank (alpha/sqrt(rank) with "
-                                 "--rslora). Default 16; loldu 1 (the paper's sigma = 1/r).")
+                                 "--rslora). Default 16; loldu 8 (sigma = 1 at rank 8, measured).")
     dropout: float = option(0.0, panel=METHOD, help="Dropout on the adapter's input.")
     rslora: bool = option(False, panel=METHOD, help="Rank-stabilized scaling alpha/sqrt(rank).")
     # patterns; None = every linear in the decoder blocks
@@ -60,7 +60,8 @@ class FinetuneOptions:
     max_eval_examples: int | None = option(None, panel=DATA_PANEL, help="Held-out examples evaluated. Default: "
                                            "an eighth of what a --max-steps run trains on (8 to 256); 256 for "
                                            "--epochs runs.")
-    lr: float = option(2e-4, panel=TRAIN_PANEL, help="Peak learning rate.")
+    # None: the method's default (spec.py DEFAULTS: 2e-4; loldu 1e-3)
+    lr: float | None = option(None, panel=TRAIN_PANEL, help="Peak learning rate. Default 2e-4; loldu 1e-3.")
     epochs: float | None = common.epochs()  # default 1 when max_steps is not set
     max_steps: int | None = common.max_steps()
     batch_size: int = common.train_batch_size()
@@ -121,8 +122,12 @@ class FinetuneOptions:
         seen = self.max_steps * self.batch_size * self.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
         return max(8, min(256, seen // 8))
 
+    def learning_rate(self) -> float:
+        """--lr, or the method's default."""
+        return self.lr if self.lr is not None else default(self.method, "lr")
+
     def adapter_spec(self, targets: list[str]) -> AdapterSpec:
-        alpha = self.alpha if self.alpha is not None else (1.0 if self.method == "loldu" else 16.0)
+        alpha = self.alpha if self.alpha is not None else default(self.method, "alpha")
         return AdapterSpec(method=self.method, targets=targets, rank=self.rank, alpha=alpha,
                            dropout=self.dropout, rslora=self.rslora, bone_variant=self.bone_variant,
                            lora_pro_mode=self.lora_pro_mode)
@@ -130,7 +135,7 @@ class FinetuneOptions:
     def loop_config(self, fingerprint: dict):
         from lowrank_cli.train.loop import LoopConfig
 
-        return LoopConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
+        return LoopConfig(lr=self.learning_rate(), weight_decay=self.weight_decay, epochs=self.epochs,
                           max_steps=self.max_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
                           warmup=self.warmup, max_grad_norm=self.max_grad_norm or None,
                           device=self.device, seed=self.seed,

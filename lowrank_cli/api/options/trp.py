@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lowrank_cli.api.options import common
 from lowrank_cli.api.options.fields import DATA_PANEL, TRAIN_PANEL, option, parse_patterns
 from lowrank_cli.errors import UsageError
 
-__all__ = ["TRPOptions"]
+__all__ = ["TRPOptions", "FINAL_RULES"]
 
 TRP = "TRP"
 
 
+FINAL_RULES = ("threshold", "energy")
+
+
 @dataclass
 class TRPOptions:
-    """Every knob of a trp-train run; TRP defaults follow the official code/README (period 5, energy 0.9,
-    nuclear weight 3e-4); training defaults suit fine-tuning a pretrained LM (lr 1e-4)."""
+    """Every knob of a trp-train run. TRP follows the paper's code: SGD with momentum 0.9, a truncation
+    every 5 steps, the nuclear weight 3e-4, the final factorization by a singular-value threshold (0.05).
+    `lr` and `nuclear_weight` left None take the optimizer's defaults (`methods/trp/optim.py`, with the
+    reasons). The training `energy` is 0.99, not the paper's 0.9: each truncation removes 1 - energy of
+    what is left, and 0.9 collapses a pretrained LM within tens of steps (README, TRP benchmark)."""
 
     output: str | None = common.output()
     period: int = option(5, panel=TRP, help="Optimizer steps between truncations.")
     # fraction of squared singular values kept by each truncation
-    energy: float = option(0.9, panel=TRP, help="Fraction of the squared singular values each truncation keeps, "
-                           "in (0, 1].")
-    nuclear_weight: float = option(3e-4, panel=TRP, help="Nuclear-norm weight lambda (sub-gradient added on "
-                                   "truncation steps); 0: off.")
-    final_energy: float = option(0.9, panel=TRP, help="Energy kept by the final factorization, in (0, 1].")
+    energy: float = option(0.99, panel=TRP, help="Fraction of the squared singular values each truncation keeps, "
+                           "in (0, 1]. The paper's 0.9 collapses a pretrained LM.")
+    # None: per optimizer (methods/trp/optim.py DEFAULTS)
+    nuclear_weight: float | None = option(None, panel=TRP, help="Nuclear-norm weight lambda (sub-gradient added "
+                                          "on truncation steps); 0: off. Default per optimizer: sgd 3e-4 (the "
+                                          "paper's), adamw 0.")
+    final_rule: str = option("threshold", panel=TRP, help="Rank of the final factorization: threshold (singular "
+                             "values >= --final-threshold, the authors' rule) or energy (--final-energy).")
+    final_threshold: float = option(0.05, panel=TRP, help="Smallest singular value kept by --final-rule threshold "
+                                    "(absolute).")
+    final_energy: float = option(0.99, panel=TRP, help="Energy kept by --final-rule energy, in (0, 1].")
+    optimizer: str = option("sgd", panel=TRAIN_PANEL, help="sgd (momentum 0.9, the paper's) or adamw.")
     # module-name patterns; None = every linear in the decoder blocks
     targets: list[str] | None = option(
         None, parse=parse_patterns, panel=TRP, help="Comma-separated module-name patterns (globs; a "
@@ -44,7 +57,9 @@ class TRPOptions:
     eval_tokens: int = option(4096, panel=DATA_PANEL, help="Held-out tokens for the perplexities before and "
                               "after.")
     max_eval_examples: int = option(256, panel=DATA_PANEL, help="Held-out examples for the eval loss.")
-    lr: float = option(1e-4, panel=TRAIN_PANEL, help="Peak learning rate (AdamW).")
+    # None: per optimizer (methods/trp/optim.py DEFAULTS)
+    lr: float | None = option(None, panel=TRAIN_PANEL, help="Peak learning rate. Default per optimizer: sgd "
+                              "1e-3, adamw 1e-4.")
     epochs: float | None = common.epochs()
     max_steps: int | None = common.max_steps()
     batch_size: int = common.train_batch_size()
@@ -62,6 +77,7 @@ class TRPOptions:
     overwrite: bool = common.overwrite()
 
     def validate(self) -> None:
+        from lowrank_cli.methods.trp.optim import OPTIMIZERS
         from lowrank_cli.methods.trp.svd import SVD_METHODS
         from lowrank_cli.train.loop import sharded_launch
 
@@ -75,8 +91,14 @@ class TRPOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
         if self.period < 1:
             raise UsageError(f"--period must be at least 1, got {self.period}")
-        if self.nuclear_weight < 0:
+        if self.nuclear_weight is not None and self.nuclear_weight < 0:
             raise UsageError(f"--nuclear-weight must be >= 0, got {self.nuclear_weight}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown --optimizer '{self.optimizer}' (choose {', '.join(OPTIMIZERS)})")
+        if self.final_rule not in FINAL_RULES:
+            raise UsageError(f"unknown --final-rule '{self.final_rule}' (choose {', '.join(FINAL_RULES)})")
+        if self.final_threshold < 0:
+            raise UsageError(f"--final-threshold must be >= 0, got {self.final_threshold}")
         if self.svd not in SVD_METHODS:
             raise UsageError(f"unknown --svd '{self.svd}' (choose {', '.join(SVD_METHODS)})")
         if not self.output:
@@ -91,7 +113,15 @@ class TRPOptions:
         from lowrank_cli.io.writer import parse_size
 
         parse_size(self.max_shard_size)
-        self.loop_config({}).validate()
+        self.resolved().loop_config({}).validate()
+
+    def resolved(self) -> TRPOptions:
+        """A copy with lr and nuclear_weight filled in from the optimizer's defaults where left None."""
+        from lowrank_cli.methods.trp.optim import DEFAULTS
+
+        d = DEFAULTS[self.optimizer]
+        return replace(self, lr=d["lr"] if self.lr is None else self.lr,
+                       nuclear_weight=d["nuclear_weight"] if self.nuclear_weight is None else self.nuclear_weight)
 
     def loop_config(self, fingerprint: dict):
         from lowrank_cli.train.loop import LoopConfig
@@ -103,6 +133,6 @@ class TRPOptions:
                           eval_every=self.eval_every, save_every=self.save_every, fingerprint=fingerprint)
 
     def fingerprint(self, model_fingerprint: str) -> dict:
-        keep = ("period", "energy", "nuclear_weight", "targets", "freeze_non_targets", "svd", "data",
+        keep = ("period", "energy", "nuclear_weight", "optimizer", "targets", "freeze_non_targets", "svd", "data",
                 "eval_data", "text_field", "max_seq_len", "max_eval_examples")
         return {"model": model_fingerprint, "method": "trp", "options": {k: getattr(self, k) for k in keep}}

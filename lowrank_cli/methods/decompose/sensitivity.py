@@ -10,12 +10,28 @@ where g_t = dLoss_t/dy_t and the second step treats the error direction as uncor
 layer's error curve into one currency — estimated loss — and rank allocation can trade parameters across
 layers of different kinds and depths. Relative output error (the naive choice) ignores that an error in
 an early value projection and the same error in a late MLP cost the model very different amounts.
+(This allocation is this project's addition; LoRD itself picks one rank for every layer.)
 
 The backward pass runs block by block in reverse from the stored block-boundary hidden states, so memory
 stays at one block plus the activations, like the forward passes.
+
+The LM head (cost independent of the blocks, large for big vocabularies: 262k entries on Gemma 3) is not
+differentiated by autograd. The gradient of the summed next-token loss with respect to the head's input z
+is computed by hand in token chunks: logits = z W^T (+ b, + the model's final-logit soft-capping when its
+config sets one), softmax, minus the one-hot target, times W. Per token that is the head's forward matmul
+and the one matmul back to z (the least an exact gradient needs; never a gradient for the head weight), and
+logits exist for one chunk (``CHUNK_LOGITS`` values) at a time. Autograd through the head did the same two
+matmuls but held the whole batch's float32 logits, their log-softmax and its gradient at once (three
+batch x seq x vocabulary tensors: 1.6 GB for 512 tokens of a 262k vocabulary), which is what made the head
+dominate (measured: `benchmarks/sensitivity_head.py`). Only the final norm between the last block and the
+head goes through autograd. On the first batch the hand-made logits are checked against the model's own
+on a few positions; a model whose head does something else (a logit scale, ...) falls back to autograd
+through the head, with a log line.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -24,26 +40,21 @@ from lowrank_cli.methods.decompose.targets import Target
 
 __all__ = ["output_sensitivities"]
 
+log = logging.getLogger("lowrank")
+
 
 def output_sensitivities(streamed, calib, boundaries: list[Activations], targets: list[Target],
                          batch_size: int, progress=None) -> dict[str, float]:
     """s per target: mean over calibration tokens of |dLoss_t/dy|^2 / m (see the module docstring)."""
-    from lowrank_cli.eval.perplexity import next_token_loss
-
     sq: dict[str, float] = {t.name: 0.0 for t in targets}
     tokens = 0
     grads: list[torch.Tensor] = []
     final = boundaries[-1]
     with streamed._outer_loaded():
+        head = _HeadGradient(streamed)
         for b, hidden in enumerate(final):
             ids = calib[b * batch_size:(b + 1) * batch_size].to(streamed.device)
-            h = hidden.detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = streamed.head_logits(h, ids)
-                # summed per-token losses: g_t is then the gradient of token t's own loss
-                loss = next_token_loss(logits, ids)
-                (g,) = torch.autograd.grad(loss, h)
-            grads.append(g.detach())
+            grads.append(head.hidden_grad(hidden, ids))
             tokens += ids[:, 1:].numel()
     by_block: dict[int, list[Target]] = {}
     for t in targets:
@@ -71,6 +82,108 @@ def output_sensitivities(streamed, calib, boundaries: list[Activations], targets
         if progress:
             progress()
     return {t.name: sq[t.name] / max(tokens, 1) / t.m for t in targets}
+
+
+CHUNK_LOGITS = 1 << 22  # logits held at once (16 MB in float32): tokens per chunk = this / vocabulary
+
+
+class _Capture(torch.nn.Module):
+    """Stands in for the LM head: records its input z (and passes it on, so the forward completes)."""
+
+    def forward(self, z):
+        self.z = z
+        return z
+
+
+class _HeadGradient:
+    """dLoss/dh of the final hidden states h for one batch, the head's part by hand (module docstring)."""
+
+    def __init__(self, streamed):
+        self.streamed = streamed
+        self.model = streamed.model
+        self.head = self.model.get_output_embeddings()
+        config = getattr(self.model.config, "get_text_config", lambda: self.model.config)()
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.by_hand = isinstance(self.head, torch.nn.Linear)
+        self.checked = False
+
+    def _head_name(self) -> str:
+        return next(n for n, m in self.model.named_modules() if m is self.head)
+
+    def _head_input(self, h, ids):
+        """z = what the head receives for hidden states h (final norm etc. by autograd)."""
+        name = self._head_name()
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        capture = _Capture()
+        setattr(parent, child, capture)
+        try:
+            self.streamed.head_logits(h, ids)
+        finally:
+            setattr(parent, child, self.head)
+        return capture.z
+
+    def _logits(self, z):
+        """The head's logits for z (tokens x d) in float32, and tanh of the soft-capped ones (or None)."""
+        logits = (z @ self.head.weight.T).float()
+        if self.head.bias is not None:
+            logits = logits + self.head.bias.float()
+        if not self.softcap:
+            return logits, None
+        t = torch.tanh(logits / self.softcap)
+        return t * self.softcap, t
+
+    def _check(self, h, ids, z) -> bool:
+        """The hand-made logits equal the model's own on a few positions of the first sequence."""
+        k = min(8, ids.shape[1])
+        with torch.no_grad():
+            want = self.streamed.head_logits(h[:1, :k].detach(), ids[:1, :k]).float()
+            got, _ = self._logits(z[:1, :k].detach().reshape(k, -1))
+        scale = float(want.abs().max()) or 1.0
+        return bool(torch.allclose(got.reshape(want.shape), want, rtol=1e-3, atol=1e-4 * scale))
+
+    def hidden_grad(self, hidden, ids):
+        h = hidden.detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = self._head_input(h, ids) if self.by_hand else None
+            if self.by_hand and not self.checked:
+                self.checked = True
+                self.by_hand = self._check(h, ids, z)
+                if not self.by_hand:
+                    log.info("sensitivity: the LM head is not a plain linear map of its input here; "
+                             "differentiating it with autograd")
+            if not self.by_hand:
+                from lowrank_cli.eval.perplexity import next_token_loss
+
+                loss = next_token_loss(self.streamed.head_logits(h, ids), ids)
+                (g,) = torch.autograd.grad(loss, h)
+                return g.detach()
+            gz = self._head_input_grad(z.detach(), ids)
+            if not z.requires_grad:  # no norm between the blocks and the head: z is h
+                return gz
+            (g,) = torch.autograd.grad(z, h, grad_outputs=gz)
+        return g.detach()
+
+    @torch.no_grad()
+    def _head_input_grad(self, z, ids):
+        """d(summed next-token NLL)/dz in chunks: (softmax(logits) - onehot(target)) W per token; the last
+        position predicts nothing (zero)."""
+        batch, seq, d = z.shape
+        weight = self.head.weight
+        flat = z[:, :-1].reshape(-1, d)
+        target = ids[:, 1:].reshape(-1)
+        out = torch.zeros_like(z)
+        grads = torch.empty_like(flat)
+        chunk = max(1, CHUNK_LOGITS // weight.shape[0])
+        for start in range(0, flat.shape[0], chunk):
+            logits, t = self._logits(flat[start:start + chunk])
+            p = torch.softmax(logits, dim=-1)
+            p[torch.arange(p.shape[0], device=p.device), target[start:start + chunk]] -= 1.0
+            if t is not None:  # d(cap * tanh(l / cap))/dl = 1 - tanh^2
+                p.mul_(1.0 - t * t)
+            grads[start:start + chunk] = (p.to(weight.dtype) @ weight).to(grads.dtype)
+        out[:, :-1] = grads.reshape(batch, seq - 1, d)
+        return out
 
 
 def _grad_probe(t: Target, sink: dict[str, float]):

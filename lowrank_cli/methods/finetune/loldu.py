@@ -2,29 +2,30 @@
 
 For a target ``nn.Linear`` with weight W0 (m x n): P, L, U = lu(W0) (partial pivoting), D = diag(U),
 U~ = D^-1 U, so W0 = P L diag(D) U~. The first r factors are kept: L_r = L[:, :r], D_r = D[:r], U_r = U~[:r].
-The layer's weight becomes the residual W_res = W0 - sigma P L_r diag(D_r) U_r and the layer computes
+The official code writes the residual W_res = W0 - sigma P L_r diag(D_r) U_r into the layer and computes
+x W_res^T + sigma ((x U_r^T) * z) (P L_r)^T with z initialised to D_r: equal to the base only up to rounding
+W_res to the model's dtype. Here the layer keeps W0 untouched and computes the same function as
 
-    y = x W_res^T + sigma ((x U_r^T) * z) (P L_r)^T          (sigma = alpha / r; only z in R^r is trained)
+    y = x W0^T + sigma ((x U_r^T) * (z - D_r)) (P L_r)^T     (sigma = alpha / r; only z in R^r is trained)
 
-with z initialised to D_r, so the model starts exactly as the base (up to rounding of W_res to the model dtype).
-P L_r is stored as an m x r buffer (rows of L_r scattered by the pivot permutation): no m x m matrix and no m x n
-delta is ever built (the official code keeps a dense m x m P and rebuilds the m x n delta on every forward).
+so at z = D_r the update branch is exactly zero and the model starts as the base bit for bit; the gradient
+with respect to z is the official one. P L_r is stored as an m x r buffer (rows of L_r scattered by the pivot
+permutation): no m x m matrix and no m x n delta is ever built (the official code keeps a dense m x m P and
+rebuilds the m x n delta on every forward).
 
 The LU runs once per layer in float64 with LAPACK's ``lu_factor`` (the pivot vector, not a dense P): partial
-pivoting in float32 has growth-factor-amplified errors, which would make the initial model visibly differ from
-the base; in float64 the only error left is the final cast of W_res. The factors are the r-step
+pivoting in float32 has growth-factor-amplified errors in the factors. The factors are the r-step
 Gaussian-elimination skeleton of W0 (exact on the first r columns and pivot rows), not ordered by importance.
 A pivot |D_i| <= eps32 * max|W0| among the first r would make U_r blow up (the official code divides by zero):
 ``attach`` refuses it with a UsageError naming the layer.
 
-Hyper-parameters (the other helper's ``finetune`` reads these):
-- ``spec.alpha`` is LoLDU's ``lora_alpha``: sigma = alpha / r. The official default is alpha = 1 (sigma = 1/r);
-  ``finetune --method loldu`` should default to ``--alpha 1`` (not LoRA's 16). sigma scales the step in weight
-  space (Adam makes z's step ~lr), so sigma * lr is what matters.
-- lr: the official demo uses AdamW lr 1e-3; because only r numbers per layer train, larger rates (1e-2) are
-  common and stable. Rank: official examples 4-15. Weight decay pulls z towards D_r (i.e. decays the update, never
-  the base's own LU component); the default 0 is the official setting. Dropout, when > 0, drops the input of the
-  update's branch only (the part of W0 carried by z = D_r is never dropped).
+Hyper-parameters (``finetune``'s defaults for loldu: methods/finetune/spec.py DEFAULTS, measured):
+- ``spec.alpha`` is LoLDU's ``lora_alpha``: sigma = alpha / r. The official default is alpha = 1 (sigma = 1/r).
+  sigma scales the step in weight space (Adam makes z's step ~lr), so sigma * lr is what matters: sigma = 1/r
+  with a LoRA-sized lr (2e-4) barely moves the model.
+- lr: the official demo uses AdamW lr 1e-3. Rank: official examples 4-15. Weight decay pulls z towards D_r
+  (i.e. decays the update, never the base's own LU component); the default 0 is the official setting. Dropout,
+  when > 0, drops the input of the update's branch.
 
 Export (``save``): the update sigma P L_r diag(z - D_r) U_r has rank r, so it is written as a standard PEFT LoRA
 adapter on the UNMODIFIED base W0: lora_A = U_r, lora_B = sigma P L_r diag(z - D_r), with lora_alpha = r (PEFT
@@ -77,7 +78,7 @@ def ldu_factors(w0: torch.Tensor, rank: int, *, name: str = "layer"):
 
 
 class LoLDULinear(nn.Module):
-    """An ``nn.Linear`` whose weight is the LoLDU residual, plus the trainable diagonal ``z`` (see module doc)."""
+    """An ``nn.Linear`` (W0, untouched) plus the LoLDU update branch with the trainable diagonal ``z`` (module doc)."""
 
     def __init__(self, base: nn.Linear, pl: torch.Tensor, d: torch.Tensor, u: torch.Tensor, sigma: float,
                  dropout: float = 0.0):
@@ -93,16 +94,12 @@ class LoLDULinear(nn.Module):
 
     @classmethod
     def install(cls, base: nn.Linear, pl, d, u, sigma: float, dropout: float = 0.0) -> LoLDULinear:
-        """Write W_res = W0 - sigma P L_r diag(D_r) U_r into ``base`` (computed in float64) and wrap it."""
-        with torch.no_grad():
-            w0 = base.weight.detach().to(device=pl.device, dtype=torch.float64)
-            w_res = w0.addmm_(pl * d, u, alpha=-sigma)
-            base.weight.copy_(w_res.to(device=base.weight.device, dtype=base.weight.dtype))
+        """Wrap ``base`` (its weight W0 left as it is, frozen)."""
         base.weight.requires_grad_(False)
         return cls(base, pl, d, u, sigma, dropout)
 
     @property
-    def weight(self):  # code that reads ``module.weight`` (dtype, device) sees the residual's
+    def weight(self):  # code that reads ``module.weight`` (dtype, device) sees the base's
         return self.base.weight
 
     @property
@@ -124,11 +121,9 @@ class LoLDULinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         h = x.to(self.u.dtype)
-        xu = F.linear(h, self.u)
-        if self.dropout is None or not self.training:
-            xu = xu * (self.sigma * self.z)
-        else:
-            xu = self.sigma * (xu * self.d + F.linear(self.dropout(h), self.u) * (self.z - self.d))
+        if self.dropout is not None and self.training:
+            h = self.dropout(h)
+        xu = F.linear(h, self.u) * (self.sigma * (self.z - self.d))
         return y + F.linear(xu, self.pl).to(y.dtype)
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +171,7 @@ def attach(model, spec: AdapterSpec):
     modules = {name: _target(model, name, spec.rank) for name in spec.targets}
     ptrs = [p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False)]
     for name, mod in modules.items():
-        if ptrs.count(mod.weight.data_ptr()) > 1:  # writing W_res would change the tied twin (embeddings) too
+        if ptrs.count(mod.weight.data_ptr()) > 1:  # the exported LoRA adapter would not be portable on a tied weight
             raise UsageError(f"loldu: {name}'s weight is tied to another parameter; leave it out of --targets")
     factors = {name: ldu_factors(mod.weight, spec.rank, name=name) for name, mod in modules.items()}
     sigma = spec.alpha / spec.rank

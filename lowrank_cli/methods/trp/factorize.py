@@ -1,4 +1,11 @@
-"""TRP's last step: each trained layer becomes a low-rank pair at the rank its energy threshold gives.
+"""TRP's last step: each trained layer becomes a low-rank pair at the rank a final rule gives.
+
+Final rules (exactly one of `threshold` / `energy`):
+  threshold  keep the singular values >= threshold (the authors' `ValueThreshold(0.05)`): a TRP-trained
+             weight is already near low rank (its last truncation left rank k; the few plain steps since
+             added only small values), so this drops what the training already removed and costs little;
+  energy     the smallest rank keeping that fraction of the squared singular values (the rule TRP's
+             truncations use during training).
 
 Linear (the LM setting): W (m x n) -> up (m x k) @ down (k x n), up = U_k (orthonormal), down = S_k V_k^T (the
 convention of `lowrank decompose`), kept only below break-even, k (m + n) < m n; layers at or above it stay
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowrank_cli.methods.trp.svd import truncated_svd
+from lowrank_cli.methods.trp.svd import svd_above, truncated_svd
 
 __all__ = ["LayerRank", "choose_rank", "linear_factors", "conv_nc_pair", "replace_linears", "replace_convs"]
 
@@ -25,7 +32,7 @@ class LayerRank:
     name: str
     m: int
     n: int
-    rank: int  # the energy rank
+    rank: int  # the rank the final rule gives
     kept_energy: float
     factorized: bool  # False: at or above break-even, stays dense
 
@@ -34,9 +41,13 @@ class LayerRank:
         return self.rank * (self.m + self.n) if self.factorized else self.m * self.n
 
 
-def choose_rank(name: str, weight, energy: float, method: str = "exact") -> tuple[LayerRank, object]:
-    """(LayerRank, Truncation) for one weight (Linear, or Conv2d in its NC view)."""
-    t = truncated_svd(weight, energy, method=method)
+def choose_rank(name: str, weight, energy: float | None = None, method: str = "exact", *,
+                threshold: float | None = None) -> tuple[LayerRank, object]:
+    """(LayerRank, Truncation) for one weight (Linear, or Conv2d in its NC view), by singular-value
+    `threshold` or by `energy` (exactly one)."""
+    if (energy is None) == (threshold is None):
+        raise ValueError("give exactly one of energy and threshold")
+    t = truncated_svd(weight, energy, method=method) if threshold is None else svd_above(weight, threshold)
     m, n = weight.shape[0], weight[0].numel()
     return LayerRank(name, m, n, t.k, t.kept_energy, t.k * (m + n) < m * n), t
 
@@ -79,7 +90,8 @@ def _set(model, name: str, module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def replace_linears(model, targets, energy: float, method: str = "exact") -> list[LayerRank]:
+def replace_linears(model, targets, energy: float | None = None, method: str = "exact", *,
+                    threshold: float | None = None) -> list[LayerRank]:
     """Factorize the named nn.Linear modules of `model` in place (LowRankLinear, the checkpoint format's
     layer) where below break-even; returns every target's LayerRank (dense ones with factorized=False)."""
     from lowrank_cli.modeling.lowrank_modeling import LowRankLinear
@@ -88,7 +100,7 @@ def replace_linears(model, targets, energy: float, method: str = "exact") -> lis
     with _no_grad():
         for name in targets:
             linear = model.get_submodule(name)
-            rank, t = choose_rank(name, linear.weight, energy, method)
+            rank, t = choose_rank(name, linear.weight, energy, method, threshold=threshold)
             chosen.append(rank)
             if not rank.factorized:
                 continue
@@ -103,12 +115,13 @@ def replace_linears(model, targets, energy: float, method: str = "exact") -> lis
     return chosen
 
 
-def replace_convs(model, targets, energy: float, method: str = "exact") -> list[LayerRank]:
+def replace_convs(model, targets, energy: float | None = None, method: str = "exact", *,
+                  threshold: float | None = None) -> list[LayerRank]:
     """Factorize the named nn.Conv2d modules in place (channel-wise pairs) where below break-even."""
     chosen = []
     for name in targets:
         conv = model.get_submodule(name)
-        rank, t = choose_rank(name, conv.weight, energy, method)
+        rank, t = choose_rank(name, conv.weight, energy, method, threshold=threshold)
         chosen.append(rank)
         if rank.factorized:
             _set(model, name, conv_nc_pair(conv, t))

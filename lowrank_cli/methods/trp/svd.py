@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["energy_rank", "Truncation", "truncated_svd", "project", "nuclear_subgradient",
-           "RANDOMIZED_MIN_DIM", "SVD_METHODS"]
+__all__ = ["energy_rank", "value_rank", "Truncation", "truncated_svd", "svd_above", "project",
+           "nuclear_subgradient", "RANDOMIZED_MIN_DIM", "SVD_METHODS"]
 
 RANDOMIZED_MIN_DIM = 2048
 OVERSAMPLE = 8
@@ -50,6 +50,13 @@ def energy_rank(s, energy: float, total: float | None = None) -> int:
     if reached.numel() == 0:
         return len(s) + 1
     return int(reached[0, 0]) + 1
+
+
+def value_rank(s, threshold: float) -> int:
+    """Number of singular values >= `threshold` (the official code's `ValueThreshold`); at least 1."""
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    return max(1, int((s.detach() >= threshold).sum()))
 
 
 @dataclass
@@ -106,6 +113,20 @@ def truncated_svd(weight, energy: float, *, method: str = "auto", guess: int | N
         k = min(k, max_rank)
     kept = float((s[:k].to(torch.float64) ** 2).sum()) / total if total > 0 else 1.0
     return Truncation(u[:, :k], s[:k], v[:, :k], k, kept, "randomized" if use_random else "exact")
+
+
+def svd_above(weight, threshold: float) -> Truncation:
+    """The exact SVD of `weight` (2-D, or a conv weight in its NC view) keeping the singular values
+    >= `threshold` (absolute, in the weight's own scale), at least one."""
+    import torch
+
+    w = _matrix(weight).detach()
+    w = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    k = value_rank(s, threshold)
+    total = float((s.to(torch.float64) ** 2).sum())
+    kept = float((s[:k].to(torch.float64) ** 2).sum()) / total if total > 0 else 1.0
+    return Truncation(u[:, :k], s[:k], vh.mH[:, :k], k, kept, "exact")
 
 
 def project(t: Truncation, shape=None):
