@@ -484,20 +484,12 @@ def test_failing_step_stops_the_run_with_its_code(tiny_llama, tmp_path, monkeypa
     assert sum(1 for ln in result.stderr.splitlines() if ln.startswith("error:")) == 2  # step's and run's
 
 
-def test_budget_failure_propagates_exit_3(tiny_llama, tmp_path, monkeypatch):
-    """A budget that no compressed model can meet: decompose exits 3, and so does the run. (Whether a tiny
-    random model meets 0% depends on the windows drawn, so the search's verdict is fixed here; the search
-    itself is tested in test_decompose.py.)"""
-    from lowrank_cli.api import decompose as api_decompose
-    from lowrank_cli.errors import BudgetNotMet
-
-    def no_candidate_passes(self, tmp):
-        raise BudgetNotMet("no compressed model met +0% eval perplexity; nothing was written")
-
-    monkeypatch.setattr(api_decompose._Job, "_search", no_candidate_passes)
+def test_budget_failure_propagates_exit_3(tmp_path, monkeypatch):
+    """A budget that no compressed model can meet: decompose exits 3, and so does the run. On the trained demo
+    model (a random one's perplexity moves either way under compression, so 0% can be met by chance)."""
     monkeypatch.chdir(tmp_path)
     recipe = write_recipe(tmp_path, [
-        {"decompose": {"model": str(tiny_llama), "output": "out/lord", "target_ppl_increase": "0%",
+        {"decompose": {"model": "demo", "output": "out/lord", "target_ppl_increase": "0%",
                        "calib_samples": 2, "seq_len": 32, "eval_tokens": 128, "search_steps": 1,
                        "rank_multiple": 1, "allocation": "uniform"}},
         {"eval": {}}])
