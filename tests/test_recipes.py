@@ -334,9 +334,9 @@ def test_precedence_default_recipe_set_flag():
 def test_set_values_are_yaml_typed():
     base = [{"decompose": {"model": "demo", "output": "out/x"}}, {"eval": {}}]
     plan = _plan(base, sets=["decompose.params_ratio=0.5", "eval.data=2024", "decompose.targets=mlp.*",
-                             "steps.1.eval.streaming=yes", "decompose.calib=null", "text_field=yes"])
+                             "steps.1.eval.streaming=yes", "decompose.data=null", "text_field=yes"])
     decompose, evaluate = plan.steps[0].options, plan.steps[1].options
-    assert decompose["params_ratio"] == 0.5 and decompose["targets"] == "mlp.*" and decompose["calib"] is None
+    assert decompose["params_ratio"] == 0.5 and decompose["targets"] == "mlp.*" and decompose["data"] is None
     assert evaluate["data"] == "2024"  # a text option keeps the text
     assert evaluate["streaming"] is True
     assert decompose["text_field"] == evaluate["text_field"] == "yes"  # bare key: every step that has it

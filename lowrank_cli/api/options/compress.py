@@ -58,8 +58,10 @@ class CompressOptions:
                               "compressed upstream (slower). Default: every candidate from the input's Grams.")
     heal_steps: int = option(0, panel=SEARCH, help="LoRA healing steps on the chosen candidate and smaller near "
                              "misses (0: none); measured like every candidate.")
-    calib: str | None = option(None, panel=DATA_PANEL, help="Calibration text. Default: a stdlib part disjoint "
-                               "from the eval and test text.")
+    # as quantize: GPTQ decides most candidates, and code calibration measured best for it (see quantize)
+    calib: str | None = option(None, panel=DATA_PANEL, help="Calibration text. Default: stdlib code, a part "
+                               "disjoint from the eval and test text; for a general-text model give --calib "
+                               "stdlib-mix and --eval-data stdlib-prose.")
     calib_samples: int = option(16, panel=DATA_PANEL, help="Calibration windows.")
     calib_seq_len: int = option(512, flags=("--seq-len",), panel=DATA_PANEL, help="Tokens per window.")
     eval_data: str | None = option(None, flags=("--data", "--eval-data"), panel=DATA_PANEL,
