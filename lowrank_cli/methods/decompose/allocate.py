@@ -2,7 +2,7 @@
 
 Every targeted layer is kept dense (choice `None`) or factorized at a rank r (an `int`) that is a
 multiple of `multiple` and below the break-even rank m n / (m + n): at or above it the two factors
-hold at least as many parameters as the dense weight (design/decomposition.md §3).
+hold at least as many parameters as the dense weight: r (m + n) >= m n.
 
 - `uniform_ranks`: the SVD-LLM recipe, every matrix keeps the same fraction of its parameters.
 - `fixed_ranks`: the same rank everywhere (a per-type LoRD-style rank is this, per group).

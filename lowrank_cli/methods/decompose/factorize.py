@@ -5,7 +5,7 @@ X have one token per row and G = X^T X is the n x n input Gram. A rank-r factori
 W ~ up @ down has `up` m x r and `down` r x n, stored as two `nn.Linear` (down: n -> r without
 bias, up: r -> m with the original bias).
 
-The data-aware optimum (design/decomposition.md §2): the rank-r W' minimising ||(W - W') X^T||_F
+The data-aware optimum (whitening and feature mimicking give the same answer): the rank-r W' minimising ||(W - W') X^T||_F
 is W' = U_r U_r^T W, where U_r holds the top-r eigenvectors of M = W G W^T (the left singular
 vectors of W X^T). LoRD/AFM (output-covariance eigenvectors) and SVD-LLM (truncation-aware
 whitening) reach the same W'. This form needs no Cholesky and no inverse, so rank-deficient Grams
