@@ -5,12 +5,12 @@ X have one token per row and G = X^T X is the n x n input Gram. A rank-r factori
 W ~ up @ down has `up` m x r and `down` r x n, stored as two `nn.Linear` (down: n -> r without
 bias, up: r -> m with the original bias).
 
-The data-aware optimum (whitening and feature mimicking give the same answer): the rank-r W' minimising ||(W - W') X^T||_F
-is W' = U_r U_r^T W, where U_r holds the top-r eigenvectors of M = W G W^T (the left singular
-vectors of W X^T). LoRD/AFM (output-covariance eigenvectors) and SVD-LLM (truncation-aware
-whitening) reach the same W'. This form needs no Cholesky and no inverse, so rank-deficient Grams
-are fine, and the error at every rank is the sum of the eigenvalues past it: one decomposition
-gives the whole error-versus-rank curve that rank allocation (`allocate.py`) consumes.
+The data-aware optimum (whitening and feature mimicking give the same answer): the rank-r W' minimising
+||(W - W') X^T||_F is W' = U_r U_r^T W, where U_r holds the top-r eigenvectors of M = W G W^T (the left
+singular vectors of W X^T). LoRD/AFM (output-covariance eigenvectors) and SVD-LLM (truncation-aware
+whitening) reach the same W'. This form needs no Cholesky and no inverse, so rank-deficient Grams are
+fine, and the error at every rank is the sum of the eigenvalues past it: one decomposition gives the
+whole error-versus-rank curve that rank allocation (`allocate.py`) consumes.
 
 Everything is computed in float64: the eigenvalues of M are the *squares* of the singular values
 of W X^T, so the small tail that decides the error at high rank needs the extra precision.

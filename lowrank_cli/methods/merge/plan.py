@@ -1,8 +1,8 @@
 """Which base tensor each adapter tensor changes, and how: read from the adapter's config and tensor shapes
 alone (no weights, no files), so a wrong adapter is refused before anything is read or written.
 
-Keys follow `PeftModel.save_pretrained` (peft 0.21: `save_and_load.get_peft_model_state_dict`): `base_model.model.` + the module
-path + `.lora_A.weight` / `.lora_B.weight` (LoRA), `.lora_embedding_A` / `.lora_embedding_B` (LoRA on an
+Keys follow `PeftModel.save_pretrained` (peft 0.21, `get_peft_model_state_dict`): `base_model.model.` +
+the module path + `.lora_A.weight` / `.lora_B.weight` (LoRA), `.lora_embedding_A` / `.lora_embedding_B` (LoRA on an
 embedding), `.miss_block` (MiSS; `.bone_block` in PEFT <= 0.18 Bone adapters, same math); any other key is a
 `modules_to_save` copy that replaces the base tensor of the same name, or (`X.base_layer.weight`, saved with
 LoRA on an embedding) the base weight an adapter's delta is then added to.
