@@ -81,6 +81,13 @@ def test_rank_budget_and_break_even(tiny_llama, tmp_path):
     assert any("k_proj" in n for n in doc["dense_layers"])  # 24 >= 21.3: factorizing saves nothing
 
 
+def test_rank_above_every_break_even_is_refused(tiny_llama, tmp_path):
+    """A rank at which no layer saves parameters would write an uncompressed copy: exit 2, nothing written."""
+    code, doc, _ = decompose(str(tiny_llama), "-o", str(tmp_path / "o"), "--rank", "64", *FAST)
+    assert code == 2 and "saves nothing" in doc["error"]["message"]
+    assert not (tmp_path / "o").exists()
+
+
 def test_dry_run_writes_nothing(tiny_bigcode, tmp_path):
     out = tmp_path / "out"
     code, doc, _ = decompose(str(tiny_bigcode), "-o", str(out), "--rank", "8", "--dry-run", "--seq-len", "64")
