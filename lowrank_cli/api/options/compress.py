@@ -16,6 +16,18 @@ __all__ = ["CompressOptions"]
 TARGET, SEARCH = "Target", "Search"
 
 
+# How much a measured perplexity increase moves between disjoint eval sets, as a fraction of the increase:
+# 0.45 at 4096 tokens, 0.30 at 8192, 0.23 at 16384 (benchmarks/eval_noise.py, SmolLM2, GPTQ 4-bit against
+# the base on disjoint sets of held-out stdlib code), about 0.45 * sqrt(4096 / tokens). An increase is told
+# from zero when twice its spread stays below it: from about 3,300 eval tokens on.
+SPREAD_AT_4096 = 0.45
+MIN_EVAL_TOKENS = 3400
+
+
+def spread_of_increase(tokens: int) -> float:
+    return SPREAD_AT_4096 * (4096 / max(tokens, 1)) ** 0.5
+
+
 def parse_list(text: Any, cast=str, flag: str = "value") -> list | None:
     """'8,4,3' -> [8, 4, 3] (a list given by the library passes through)."""
     if text is None or isinstance(text, list):
@@ -90,6 +102,10 @@ class CompressOptions:
         self.budget_kind()
         if self.target_ppl_increase is not None and not 0 < self.target_ppl_increase < 1:
             raise UsageError(f"--target-ppl-increase must be in (0%, 100%), got {self.target_ppl_increase:.4g}")
+        if self.budget_kind() == "target_ppl_increase" and self.eval_tokens < MIN_EVAL_TOKENS:
+            raise UsageError(f"--eval-tokens {self.eval_tokens} cannot resolve a perplexity budget: on that many "
+                             f"tokens a paired increase spreads by +-{spread_of_increase(self.eval_tokens):.0%} of "
+                             f"itself; give --eval-tokens {MIN_EVAL_TOKENS} or more")
         unknown = [f for f in (self.families or []) if f not in FAMILIES]
         if unknown:
             raise UsageError(f"unknown family '{unknown[0]}' (choose from {', '.join(FAMILIES)})")
