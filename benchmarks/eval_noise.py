@@ -45,9 +45,9 @@ def scores(model_dir: str, windows, *, dequantize: bool) -> list[float]:
     return nll_full(model, windows, per_window=True).per_window
 
 
-def quantized_copy(model: str, folder: str, bits: int, calib_samples: int) -> None:
-    args = ["lowrank", "quantize", model, "-o", folder, "--bits", str(bits), "--calib-samples",
-            str(calib_samples), "--skip-eval", "--json"]
+def quantized_copy(model: str, folder: str, bits: int, calib_samples: int, method: str) -> None:
+    args = ["lowrank", "quantize", model, "-o", folder, "--bits", str(bits), "--method", method,
+            "--calib-samples", str(calib_samples), "--skip-eval", "--json"]
     print("$", " ".join(args), flush=True)
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
@@ -76,6 +76,8 @@ def table(base: list[float], quant: list[float], tokens: int) -> list[dict]:
             "ratio_mean": statistics.fmean(ratios),
             "ratio_spread": statistics.stdev(ratios),
             "ratio_se_formula": statistics.fmean(n.ratio_relative_se for n in found),
+            # the paired noise grows with the damage: spread per unit of perplexity increase
+            "ratio_spread_per_increase": statistics.stdev(ratios) / (statistics.fmean(ratios) - 1),
         })
     return rows
 
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="smollm2, demo or a folder")
     ap.add_argument("--pool-tokens", type=int, default=32768, help="held-out tokens scored by each model")
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--method", default="gptq", help="gptq or rtn (no calibration)")
     ap.add_argument("--calib-samples", type=int, default=16)
     args = ap.parse_args()
     model = args.model
@@ -104,19 +107,19 @@ def main() -> None:
     base = scores(str(path), windows, dequantize=False)
     base_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
-        quantized_copy(str(path), f"{tmp}/q", args.bits, args.calib_samples)
+        quantized_copy(str(path), f"{tmp}/q", args.bits, args.calib_samples, args.method)
         quant = scores(f"{tmp}/q", windows, dequantize=True)
     rows = table(base, quant, tokens)
     pool = ppl_noise(quant, tokens, base)
     base_ppl = math.exp(sum(base) / (tokens * len(base)))
     print(f"\npool: {windows.shape[0]} windows x {SEQ_LEN} tokens; base ppl {base_ppl:.3f}"
-          f", GPTQ {args.bits}-bit ratio {pool.ratio:.4f}; base scoring {base_s:.0f} s")
+          f", {args.method} {args.bits}-bit ratio {pool.ratio:.4f}; base scoring {base_s:.0f} s")
     print(f"{'tokens':>7}{'sets':>5}{'base ppl':>10}{'base spread':>13}{'base SE':>9}"
-          f"{'ratio':>8}{'ratio spread':>14}{'ratio SE':>10}")
+          f"{'ratio':>8}{'ratio spread':>14}{'ratio SE':>10}{'spread/increase':>17}")
     for r in rows:
         print(f"{r['tokens']:>7}{r['sets']:>5}{r['base_ppl_mean']:>10.3f}{100 * r['base_spread_rel']:>12.2f}%"
               f"{100 * r['base_se_formula']:>8.2f}%{r['ratio_mean']:>8.4f}{100 * r['ratio_spread']:>13.2f}%"
-              f"{100 * r['ratio_se_formula']:>9.2f}%")
+              f"{100 * r['ratio_se_formula']:>9.2f}%{r['ratio_spread_per_increase']:>17.2f}")
     # tokens for 2 SE <= 1%, from the whole pool's paired standard error scaled by 1/sqrt(N)
     pool_tokens = windows.shape[0] * SEQ_LEN
     need = pool_tokens * (2 * pool.ratio_relative_se / 0.01) ** 2
@@ -125,7 +128,8 @@ def main() -> None:
     print(f"paired SE over the whole pool: {100 * pool.ratio_relative_se:.3f}% -> 2 SE <= 1% needs about "
           f"{need:.0f} tokens (formula), {need_spread:.0f} tokens (spread at {SIZES[0]})")
     name = Path(args.model).name if args.model not in ("smollm2", "demo") else args.model
-    out = HERE / "results" / f"eval_noise-{name}.json"
+    suffix = "" if (args.method, args.bits) == ("gptq", 4) else f"-{args.method}{args.bits}"
+    out = HERE / "results" / f"eval_noise-{name}{suffix}.json"
     out.write_text(json.dumps({
         "settings": {**vars(args), "seq_len": SEQ_LEN, "data": "stdlib eval part", "windows": int(windows.shape[0])},
         "pool": {"ratio": pool.ratio, "ratio_relative_se": pool.ratio_relative_se,

@@ -57,6 +57,21 @@ def test_writes_a_png_with_every_family_the_front_and_the_choice(tmp_path):
         assert img.size == (960, 600) and img.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
 
 
+def test_without_matplotlib_a_warning_and_no_file(tmp_path, monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert write_frontier_png(tmp_path / "f.png", CANDIDATES) is None
+    assert not (tmp_path / "f.png").exists() and "frontier.png not drawn" in caplog.text
+
+
 def test_bad_input(tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(ValueError):

@@ -170,6 +170,21 @@ def test_paired_ratio_removes_the_shared_difficulty():
     assert paired.resolves(0.05) and not paired.resolves(0.001)
 
 
+def test_blocks_pool_consecutive_windows():
+    rng = random.Random(2)
+    base = [rng.uniform(100, 300) for _ in range(12)]
+    model = [b + rng.uniform(0, 20) for b in base]
+    assert ppl_noise(model, 50, base, block=1) == ppl_noise(model, 50, base)
+    pooled = ppl_noise(model, 50, base, block=4)
+    assert pooled.perplexity == pytest.approx(ppl_noise(model, 50, base).perplexity, rel=1e-12)
+    # three samples of 4 windows (200 tokens) each: the textbook standard error over those three
+    per_token = [sum(d[i:i + 4]) / 200 for d in ([m - b for m, b in zip(model, base, strict=True)],)
+                 for i in range(0, 12, 4)]
+    assert pooled.ratio_relative_se == pytest.approx(statistics.stdev(per_token) / math.sqrt(3), rel=1e-10)
+    with pytest.raises(ValueError):
+        ppl_noise(model, 50, base, block=0)
+
+
 def test_unequal_windows_and_bad_input():
     sums, tokens = [10.0, 40.0, 33.0], [5, 20, 11]
     found = ppl_noise(sums, tokens)

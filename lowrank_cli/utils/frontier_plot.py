@@ -8,6 +8,7 @@ backend switch in the caller's process.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,9 +95,15 @@ def frontier_figure(candidates: Sequence[dict], *, chosen: str | None = None, ti
     return fig
 
 
-def write_frontier_png(path: str | Path, candidates: Sequence[dict], **kwargs) -> Path:
-    """Draw `frontier_figure(candidates, **kwargs)` into a PNG file at `path`; returns the path."""
-    fig = frontier_figure(candidates, **kwargs)  # first: a missing matplotlib is a one-line UsageError
+def write_frontier_png(path: str | Path, candidates: Sequence[dict], **kwargs) -> Path | None:
+    """Draw `frontier_figure(candidates, **kwargs)` into a PNG file at `path`; returns the path, or None
+    (after a warning, as for loss_curve.png) when matplotlib is not installed."""
+    try:
+        fig = frontier_figure(candidates, **kwargs)
+    except UsageError:
+        logging.getLogger("lowrank").warning("matplotlib is not installed: frontier.png not drawn "
+                                             "(pip install 'lowrank-cli[plot]')")
+        return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
