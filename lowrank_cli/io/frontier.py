@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
-
-from lowrank_cli.errors import UsageError
 
 __all__ = ["write_frontier"]
 
-log = logging.getLogger("lowrank")
-
 
 def write_frontier(json_path: Path, png_path: Path, doc: dict) -> None:
-    """The JSON always; the picture when matplotlib is installed (a warning otherwise)."""
+    """The JSON always; the picture when matplotlib is installed (write_frontier_png warns otherwise)."""
     from lowrank_cli.utils.frontier_plot import write_frontier_png
 
     Path(json_path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
@@ -24,8 +19,5 @@ def write_frontier(json_path: Path, png_path: Path, doc: dict) -> None:
     budget_ppl = None
     if budget["kind"] == "target_ppl_increase":
         budget_ppl = doc["baseline"]["eval"] * (1 + budget["value"])
-    try:
-        write_frontier_png(png_path, points, chosen=doc["chosen"], base_ppl=doc["baseline"]["test"],
-                           budget_ppl=budget_ppl, title=f"{doc['model']}: size vs test perplexity")
-    except UsageError as exc:  # no matplotlib: the JSON holds everything
-        log.warning("%s not drawn: %s", Path(png_path).name, exc.message)
+    write_frontier_png(png_path, points, chosen=doc["chosen"], base_ppl=doc["baseline"]["test"],
+                       budget_ppl=budget_ppl, title=f"{doc['model']}: size vs test perplexity")

@@ -62,8 +62,8 @@ def test_data() -> Any:
                   "choosing. Default: the test part of the eval source (disjoint from eval and calibration).")
 
 
-def test_tokens() -> Any:
-    return option(4096, panel=DATA_PANEL, help="Test tokens.")
+def test_tokens(default: int = 4096) -> Any:
+    return option(default, panel=DATA_PANEL, help="Test tokens.")
 
 
 def offload_dir(help: str) -> Any:
