@@ -241,3 +241,46 @@ def test_correction_adapter_is_applied_when_the_output_is_read_back(tiny_llama, 
     plain = DequantizedCheckpoint(Checkpoint(out)).get(f"{name}.weight", dtype=torch.float64)
     assert torch.allclose(corrected - plain, up.double() @ down.double(), atol=1e-9)
     assert (up.double() @ down.double()).abs().max() > 0
+
+
+def test_fisher_allocation_matches_decompose(tiny_llama, tmp_path):
+    """compress's default allocation is decompose's: the same Fisher sensitivities weigh the same error
+    curves, so a keep gives both the same ranks; and it differs from the unweighted error allocation."""
+    from lowrank_cli.api.common import load_tokenizer, solver_windows
+    from lowrank_cli.api.compress_job import CompressJob
+    from lowrank_cli.api.decompose import _Job as DecomposeJob
+    from lowrank_cli.api.options.compress import CompressOptions
+    from lowrank_cli.api.options.decompose import DecomposeOptions
+    from lowrank_cli.api.solver import open_input
+    from lowrank_cli.methods.decompose.allocate import allocate_ranks
+    from lowrank_cli.utils.progress import Progress
+
+    data = dict(calib="stdlib", calib_samples=4, calib_seq_len=64, eval_tokens=512, test_tokens=256)
+
+    def compress_job(allocation):
+        opts, path, ckpt = open_input(str(tiny_llama), CompressOptions(
+            output=str(tmp_path / "c"), families=["factorize"], keeps=[0.9], allocation=allocation,
+            target_size="0.9", **data), {}, refuse_quantized="")
+        job = CompressJob(str(tiny_llama), path, ckpt, opts, Progress())
+        job.windows = solver_windows(load_tokenizer(path), opts)
+        torch.manual_seed(0)
+        job._profile()
+        return job
+
+    fisher = compress_job("fisher")
+    opts, path, ckpt = open_input(str(tiny_llama), DecomposeOptions(
+        output=str(tmp_path / "d"), params_ratio=0.6, rank_multiple=8, **data), {}, refuse_quantized="")
+    dec = DecomposeJob(str(tiny_llama), path, ckpt, opts, Progress())
+    dec.windows = solver_windows(load_tokenizer(path), opts)
+    torch.manual_seed(0)
+    dec.curves, _, sens = dec._profile()
+
+    mine = {c.name: c.sensitivity for c in fisher.curves}
+    assert set(mine) == set(sens) and len(set(mine.values())) > 1
+    for name, value in sens.items():
+        assert mine[name] == pytest.approx(value, rel=1e-5)
+    # (compress ranks in multiples of 32, too coarse for this tiny model's layers to show a difference)
+    assert allocate_ranks(fisher.curves, 0.6, 8) == allocate_ranks(dec.curves, 0.6, 8)
+    error = compress_job("error")
+    assert all(c.sensitivity == 1.0 for c in error.curves)
+    assert allocate_ranks(error.curves, 0.6, 8) != allocate_ranks(fisher.curves, 0.6, 8)

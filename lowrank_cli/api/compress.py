@@ -6,6 +6,8 @@ Flow (two streamed passes over the model, one block in memory at a time):
      a size target drops the ones that cannot fit before any is run;
   2. profile: the original model over calibration text (its Grams -> each layer's error-versus-rank
      curve, for the factorizing families' rank allocation) and over the eval and test text (baselines);
+     with the default Fisher allocation, one streamed backward pass weighs each curve by the loss's
+     sensitivity to that layer's output (as decompose does);
   3. candidates: one pass in which every candidate is built block by block from the original model's
      Grams (one calibration stream serves them all; `--sequential` gives each its own), carried over the
      eval and test text, and written to its own folder;

@@ -147,7 +147,9 @@ class CompressJob(SolverJob):
         calib = o.calib_samples * o.calib_seq_len
         profile = calib + o.eval_tokens + o.test_tokens
         calib_share = calib * n if o.sequential else calib
-        total = profile + calib_share + n * (o.eval_tokens + o.test_tokens)
+        # Fisher sensitivities: one forward and one backward over the calibration text (a backward ~ 2 forwards)
+        fisher = 3 * calib if o.allocation == "fisher" and any(s.keep is not None for s in self.specs) else 0
+        total = profile + fisher + calib_share + n * (o.eval_tokens + o.test_tokens)
         return {"token_forwards": total, "vs_one_pass": total / profile, "candidates": n}
 
     def plan_only(self) -> CompressResult:
@@ -155,7 +157,7 @@ class CompressJob(SolverJob):
         rows = [self._spec_row(s) for s in sorted(specs, key=lambda s: s.bytes)]
         for row in rows:
             if row["keep"] is not None:
-                row["bytes_kind"] = "estimate (uniform ranks; the run allocates by error curves)"
+                row["bytes_kind"] = f"estimate (uniform ranks; the run allocates by {self.opts.allocation})"
         baseline = {"bytes": self.input_bytes, "cost": self._cost(len(specs))}
         return CompressResult(model=self.model, output=None, dry_run=True, budget=self.budget, chosen=None,
                               candidates=rows, baseline=baseline, timings_s=self.timer.seconds)
@@ -186,28 +188,47 @@ class CompressJob(SolverJob):
         return {"eval": self.windows.eval, "test": self.windows.test, **self.extra_tests}
 
     def _profile(self) -> dict:
-        """Baseline eval/test perplexity and, for the factorizing families, the layers' error curves."""
+        """Baseline eval/test perplexity and, for the factorizing families, the layers' error curves (weighed
+        by Fisher sensitivities under the default allocation, as decompose does)."""
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
         from lowrank_cli.methods.decompose.allocate import LayerCurve
         from lowrank_cli.methods.decompose.modifier import Profiler
 
-        curves = any(s.keep is not None for s in self.specs) and self.opts.allocation == "error"
+        curves = any(s.keep is not None for s in self.specs) and self.opts.allocation != "uniform"
+        fisher = curves and self.opts.allocation == "fisher"
         profiler = Profiler("lord", self.opts.damp, curves=curves)
         with self.timer("profile"):
             task = self.progress.task("profile", self.streamed.num_blocks)
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
                                    [Candidate("profile", profiler)], sequential=False, batch_size=self.opts.batch_size,
-                                   progress=task.advance)
+                                   keep_boundaries=fisher, progress=task.advance)
             task.close()
         nll, _, _ = outcome.only()
+        sens = self._sensitivities(outcome.boundaries) if fisher else {}
         if curves:
-            self.curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name]) for t in self.targets]
+            self.curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name], sens.get(t.name, 1.0))
+                           for t in self.targets]
         log.info("baseline perplexity: eval %.4f, test %.4f", nll["eval"].perplexity, nll["test"].perplexity)
         self.base_rows = {name: v.per_window for name, v in nll.items()}
         extra = {f"{name}_perplexity": nll[name].perplexity for name in self.extra_tests}
         return {"eval": nll["eval"].perplexity, "test": nll["test"].perplexity, "bytes": self.input_bytes,
                 "eval_tokens": nll["eval"].tokens, "test_tokens": nll["test"].tokens,
                 "calib_tokens": int(self.windows.calib.numel()), **extra}
+
+    def _sensitivities(self, boundaries) -> dict:
+        """Loss per unit of each layer's output error: one streamed backward pass over the calibration text."""
+        from lowrank_cli.engine.streamed import release_freed_memory
+        from lowrank_cli.methods.decompose.sensitivity import output_sensitivities
+
+        with self.timer("sensitivity"):
+            task = self.progress.task("sensitivity", self.streamed.num_blocks)
+            sens = output_sensitivities(self.streamed, self.windows.calib, boundaries, self.targets,
+                                        self.opts.batch_size, lambda *_: task.advance())
+            task.close()
+        for acts in boundaries:
+            acts.release()
+        release_freed_memory()
+        return sens
 
     def _grid(self, bits: int) -> SimpleNamespace:
         o = self.opts

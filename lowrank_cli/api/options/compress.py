@@ -14,6 +14,7 @@ from lowrank_cli.methods.compress.plan import DEFAULT_FAMILIES, FAMILIES
 __all__ = ["CompressOptions"]
 
 TARGET, SEARCH = "Target", "Search"
+ALLOCATIONS = ("fisher", "error", "uniform")
 
 
 # How much a measured perplexity increase moves between disjoint eval sets (benchmarks/eval_noise.py,
@@ -64,8 +65,10 @@ class CompressOptions:
     sym: bool = option(False, negatable=True, panel=SEARCH, help="Symmetric GPTQ grid.")
     act_order: bool = option(True, negatable=True, panel=SEARCH, help="GPTQ activation order.")
     damp: float = option(0.01, panel=SEARCH, help="Gram damping, a fraction of its mean diagonal.")
-    allocation: str = option("error", panel=SEARCH, help="Ranks of the factorizing families: error (output "
-                             "error curves) or uniform.")
+    # fisher measured best on SmolLM2 (factorize keep 0.9: see README, "Pick the smallest model")
+    allocation: str = option("fisher", panel=SEARCH, help="Ranks of the factorizing families: fisher (error curves "
+                             "weighed by the loss's sensitivity, one backward pass), error (output error curves) "
+                             "or uniform.")
     # each candidate calibrated on its own changed upstream: one calibration stream per candidate (slower)
     sequential: bool = option(False, negatable=True, panel=SEARCH, help="Calibrate each candidate on its own "
                               "compressed upstream (slower). Default: every candidate from the input's Grams.")
@@ -121,8 +124,8 @@ class CompressOptions:
         bad_keeps = [k for k in (self.keeps or []) if not 0 < k < 1]
         if bad_keeps:
             raise UsageError(f"--keeps {bad_keeps[0]} must be a fraction in (0, 1)")
-        if self.allocation not in ("error", "uniform"):
-            raise UsageError(f"unknown --allocation '{self.allocation}' (choose error, uniform)")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"unknown --allocation '{self.allocation}' (choose {', '.join(ALLOCATIONS)})")
         for name in ("calib_samples", "eval_tokens", "test_tokens", "batch_size", "correction_rank"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
