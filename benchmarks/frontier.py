@@ -5,7 +5,7 @@ One compress run (library API) with every family switched on, so all candidates 
 and one streamed pass over the model, exactly as `lowrank compress` builds them:
 
     gptq              GPTQ alone at --bits (default 8, 4, 3, 2; asymmetric, act-order, groups of 128)
-    factorize-gptq    factorization keeping --keeps of the targeted parameters (error-curve allocation,
+    factorize-gptq    factorization keeping --keeps of the targeted parameters (Fisher allocation by default,
                       ranks in multiples of 32), then GPTQ of both factors at 4 and 3 bits
     gptq-lr           GPTQ + a rank-32 correction of its error (CALDERA/LQER), a PEFT adapter, at 3 and 2 bits
     factorize         factorization alone, 16-bit
@@ -58,7 +58,8 @@ def run(args) -> dict:
     opts = CompressOptions(output=str(out), target_ppl_increase=args.budget, families=args.families,
                            bits=args.bits, keeps=args.keeps, heal_steps=args.heal_steps,
                            calib_samples=args.calib_samples, eval_tokens=args.eval_tokens,
-                           test_tokens=args.test_tokens, calib=args.calib)
+                           test_tokens=args.test_tokens, calib=args.calib, allocation=args.allocation,
+                           sequential=args.sequential)
     opts.validate()
     job = CompressJob(args.model, path, Checkpoint(path), opts, Progress())
     # The frontier is mapped whole and budgets are applied to it afterwards (the table's 1-20% rows), so the
@@ -153,6 +154,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--test-tokens", type=int, default=4096)
+    parser.add_argument("--allocation", default="fisher", choices=["fisher", "error", "uniform"])
+    parser.add_argument("--sequential", action="store_true", help="each candidate calibrated on its own upstream")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     doc = run(args)

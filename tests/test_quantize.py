@@ -414,3 +414,20 @@ def test_dry_run_predicts_the_written_size_exactly(quantized_llama, tiny_llama, 
     doc = json.loads(result.stdout)
     assert doc["dry_run"] and doc["output"] is None and list(tmp_path.iterdir()) == []
     assert doc["size"]["after"] == Checkpoint(out).total_bytes()
+
+
+def test_eval_tokens_zero_measures_nothing_and_writes_the_same_weights(quantized_llama, tiny_llama, tmp_path):
+    """--eval-tokens 0 (a pipeline that evaluates later): no perplexity, the same calibration windows,
+    so the same quantized tensors as a run that evaluates."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "q0"
+    result = _quantize(tiny_llama, out, "--group-size", "32", "--eval-tokens", "0")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["perplexity"]["final"] is None and doc["perplexity"]["eval_tokens"] == 0
+    evaluated, _ = quantized_llama
+    ours, theirs = load_file(out / "model.safetensors"), load_file(evaluated / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name

@@ -74,9 +74,12 @@ def solver_windows(tokenizer, opts) -> SolverWindows:
     eval source) and test_tokens (default: eval_tokens). No document is in two of them: the built-in
     sources use their calib/eval/test parts, and a source of the user's given for two roles is split."""
     specs = _role_specs(opts)
+    calib = _windows_for(tokenizer, opts, "calib", specs, opts.calib_samples * opts.calib_seq_len)
+    if not opts.eval_tokens:  # a run told to measure nothing (quantize --eval-tokens 0)
+        return SolverWindows(calib=calib, eval=None, test=None)
     test_tokens = getattr(opts, "test_tokens", None) or opts.eval_tokens
     return SolverWindows(
-        calib=_windows_for(tokenizer, opts, "calib", specs, opts.calib_samples * opts.calib_seq_len),
+        calib=calib,
         eval=_windows_for(tokenizer, opts, "eval", specs, opts.eval_tokens),
         test=_windows_for(tokenizer, opts, "test", specs, test_tokens),
     )

@@ -66,8 +66,10 @@ class QuantizeResult(Result):
                                               f"({q['increase'] * 100:+.2f}%)"))
             rows.append(("perplexity (test)", f"{q['test_baseline']:.4f} -> {q['test_final']:.4f} "
                                               f"({q['test_increase'] * 100:+.2f}%)"))
-        else:
+        elif q.get("final") is not None:
             rows.append(("perplexity (eval, test)", f"{q['final']:.4f}, {q['test_final']:.4f}"))
+        else:
+            rows.append(("perplexity", "not measured (--eval-tokens 0)"))
         if self.error.get("gptq") is not None:
             rows.append(("output error", f"{self.error['gptq']:.4g} (round-to-nearest {self.error['rtn']:.4g})"))
         rows.append(("time", f"{sum(self.timings_s.values()):.1f} s"))
@@ -204,13 +206,14 @@ class _Job(SolverJob):
             writer.add(name, tensor.to(torch.float16) if tensor.is_floating_point() else tensor)
 
         quantizer = Quantize(Grid(o.bits, o.group_size, o.sym), method=o.method, damp=o.damp, act_order=o.act_order)
-        candidates = [] if o.skip_eval else [Candidate("baseline", Unchanged())]
+        evaluate = o.eval_tokens > 0
+        candidates = [] if o.skip_eval or not evaluate else [Candidate("baseline", Unchanged())]
         candidates.append(Candidate("quantized", quantizer, sink))
+        evalsets = {"eval": self.windows.eval, "test": self.windows.test} if evaluate else {}
         with self.timer("quantize"):
             task = self.progress.task("quantize", self.streamed.num_blocks)
-            outcome = run_pipeline(self.streamed, self.windows.calib, {"eval": self.windows.eval,
-                                                                       "test": self.windows.test},
-                                   self.targets, candidates, batch_size=o.batch_size, progress=task.advance)
+            outcome = run_pipeline(self.streamed, self.windows.calib, evalsets, self.targets, candidates,
+                                   batch_size=o.batch_size, progress=task.advance)
             task.close()
         with self.timer("write"):
             copy_outer_tensors(self.ckpt, self.streamed.blocks_name, sink)
@@ -222,10 +225,12 @@ class _Job(SolverJob):
         from lowrank_cli.utils.memory import peak_rss_bytes
 
         q, b = nll["quantized"], nll.get("baseline")
-        perplexity = {"baseline": None, "final": q["eval"].perplexity, "increase": None,
-                      "test_baseline": None, "test_final": q["test"].perplexity, "test_increase": None,
-                      "eval_tokens": q["eval"].tokens, "test_tokens": q["test"].tokens,
+        perplexity = {"baseline": None, "final": None, "increase": None, "test_baseline": None, "test_final": None,
+                      "test_increase": None, "eval_tokens": 0, "test_tokens": 0,
                       "calib_tokens": int(self.windows.calib.numel())}
+        if q:  # --eval-tokens 0 measures none
+            perplexity.update(final=q["eval"].perplexity, test_final=q["test"].perplexity,
+                              eval_tokens=q["eval"].tokens, test_tokens=q["test"].tokens)
         if b is not None:
             perplexity.update(baseline=b["eval"].perplexity, test_baseline=b["test"].perplexity,
                               increase=q["eval"].perplexity / b["eval"].perplexity - 1,

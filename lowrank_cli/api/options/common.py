@@ -118,3 +118,13 @@ def resume() -> Any:
 def checkpoint_dir() -> Any:
     return option(None, help="Where training checkpoints go (kept after the run). Default: .OUT.checkpoints "
                   "next to OUT, removed once OUT is complete.", panel=CHECKPOINT_PANEL)
+
+
+def loop_config(opts, *, lr: float, device: str, fingerprint: dict):
+    """The training loop's settings from the training fields every training job shares (the ones above)."""
+    from lowrank_cli.train.loop import LoopConfig
+
+    return LoopConfig(lr=lr, weight_decay=opts.weight_decay, epochs=opts.epochs, max_steps=opts.max_steps,
+                      batch_size=opts.batch_size, grad_accum=opts.grad_accum, warmup=opts.warmup,
+                      max_grad_norm=opts.max_grad_norm or None, device=device, seed=opts.seed,
+                      eval_every=opts.eval_every, save_every=opts.save_every, fingerprint=fingerprint)

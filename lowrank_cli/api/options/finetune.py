@@ -133,13 +133,7 @@ class FinetuneOptions:
                            lora_pro_mode=self.lora_pro_mode)
 
     def loop_config(self, fingerprint: dict):
-        from lowrank_cli.train.loop import LoopConfig
-
-        return LoopConfig(lr=self.learning_rate(), weight_decay=self.weight_decay, epochs=self.epochs,
-                          max_steps=self.max_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                          warmup=self.warmup, max_grad_norm=self.max_grad_norm or None,
-                          device=self.device, seed=self.seed,
-                          eval_every=self.eval_every, save_every=self.save_every, fingerprint=fingerprint)
+        return common.loop_config(self, lr=self.learning_rate(), device=self.device, fingerprint=fingerprint)
 
     def fingerprint(self, model_fingerprint: str) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint."""

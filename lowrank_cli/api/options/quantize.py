@@ -45,7 +45,9 @@ class QuantizeOptions:
     eval_data: str | None = option(None, flags=("--data", "--eval-data"), panel=DATA_PANEL,
                                    help="Evaluation text for the before/after perplexity. Default: held-out "
                                    "stdlib code.")
-    eval_tokens: int = option(4096, panel=DATA_PANEL, help="Evaluation tokens.")
+    # 0: a pipeline that evaluates later (lowrank eval) skips both perplexity passes; GPTQ itself is unchanged
+    eval_tokens: int = option(4096, panel=DATA_PANEL, help="Evaluation tokens (0: measure no perplexity, "
+                              "baseline or quantized; the fastest).")
     test_data: str | None = common.test_data()
     test_tokens: int = common.test_tokens()
     skip_eval: bool = option(False, panel=DATA_PANEL, help="Skip the baseline perplexity pass (the quantized "
@@ -71,7 +73,9 @@ class QuantizeOptions:
             raise UsageError(f"unknown --method '{self.method}' (choose {', '.join(METHODS)})")
         if not 0 <= self.damp < 1:
             raise UsageError(f"--damp must be in [0, 1), got {self.damp}")
-        for name in ("calib_samples", "eval_tokens", "test_tokens", "batch_size"):
+        if self.eval_tokens < 0:
+            raise UsageError(f"--eval-tokens must be 0 (no perplexity) or more, got {self.eval_tokens}")
+        for name in ("calib_samples", "test_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.calib_seq_len < 2:

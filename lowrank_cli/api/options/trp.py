@@ -124,13 +124,8 @@ class TRPOptions:
                        nuclear_weight=d["nuclear_weight"] if self.nuclear_weight is None else self.nuclear_weight)
 
     def loop_config(self, fingerprint: dict):
-        from lowrank_cli.train.loop import LoopConfig
-
-        return LoopConfig(lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
-                          max_steps=self.max_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                          warmup=self.warmup, max_grad_norm=self.max_grad_norm or None,
-                          device="cpu" if self.device == "cpu" else "auto", seed=self.seed,
-                          eval_every=self.eval_every, save_every=self.save_every, fingerprint=fingerprint)
+        return common.loop_config(self, lr=self.lr, device="cpu" if self.device == "cpu" else "auto",
+                                  fingerprint=fingerprint)
 
     def fingerprint(self, model_fingerprint: str) -> dict:
         keep = ("period", "energy", "nuclear_weight", "optimizer", "targets", "freeze_non_targets", "svd", "data",
