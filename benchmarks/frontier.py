@@ -65,6 +65,17 @@ def run(args) -> dict:
     # The frontier is mapped whole and budgets are applied to it afterwards (the table's 1-20% rows), so the
     # run's own post-pass noise refusal is not wanted here; the recorded paired noise shows which rows hold.
     job._check_resolution = lambda records: None
+    choose = job._choose
+
+    def choose_or_closest(records):  # a frontier is mapped even when no candidate meets the run's budget
+        from lowrank_cli.errors import BudgetNotMet
+
+        try:
+            return choose(records)
+        except BudgetNotMet:
+            return min(records, key=lambda r: r["eval_perplexity"])
+
+    job._choose = choose_or_closest
     tokenizer = load_tokenizer(path)
     job.extra_tests = {"prose": text_windows(tokenizer, "stdlib-prose", part="test", seq_len=opts.calib_seq_len,
                                              max_tokens=args.test_tokens, seed=opts.seed)}
@@ -156,10 +167,11 @@ def main() -> None:
     parser.add_argument("--test-tokens", type=int, default=4096)
     parser.add_argument("--allocation", default="fisher", choices=["fisher", "error", "uniform"])
     parser.add_argument("--sequential", action="store_true", help="each candidate calibrated on its own upstream")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     doc = run(args)
-    out = HERE / "results" / f"frontier-{args.model}.json"
+    out = HERE / "results" / f"frontier-{args.model}{args.tag}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     plot(doc, out.with_suffix(".png"))

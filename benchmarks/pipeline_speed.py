@@ -6,9 +6,12 @@ the other, on the same model, calibration (16 x 512) and eval/test text (4096 + 
     reference     decompose --params-ratio 0.8 --allocation uniform --no-sequential: calibrate once,
                   whitened SVD per layer, uniform ranks (the plain recipe the default is compared with)
     default       decompose --params-ratio 0.8 (Fisher allocation, sequential calibration)
+    fisher-no-seq decompose --params-ratio 0.8 --no-sequential (Fisher allocation, the input model's Grams)
+    default-10k   default at the command's own eval/test sizes (10240 + 10240 tokens)
     search-1pct   decompose --target-ppl-increase 1% (the bisection over the kept fraction)
     quantize      quantize (GPTQ 4-bit, asymmetric, act-order, g128; baseline and quantized in one pass)
-    compress      compress --target-ppl-increase 5% (10 candidates; one calibration pass, one candidates pass)
+    compress      compress --target-ppl-increase 5% --eval-tokens 5120 (10 candidates; one calibration pass with
+                  Fisher sensitivities, one candidates pass)
 With --busy, every configuration runs again beside a second process that keeps both cores busy with
 matrix products (a CI neighbour), to show how much a loaded machine slows each.
 
@@ -33,9 +36,12 @@ COMMON = dict(calib_samples=16, eval_tokens=4096, test_tokens=4096)
 CONFIGS = {
     "reference": ("decompose", dict(params_ratio=0.8, allocation="uniform", sequential=False)),
     "default": ("decompose", dict(params_ratio=0.8)),
+    "fisher-no-seq": ("decompose", dict(params_ratio=0.8, sequential=False)),
+    "default-10k": ("decompose", dict(params_ratio=0.8, eval_tokens=10240, test_tokens=10240)),
     "search-1pct": ("decompose", dict(target_ppl_increase=0.01)),
     "quantize": ("quantize", dict(calib_samples=16)),
-    "compress": ("compress", dict(target_ppl_increase=0.05)),
+    # 5% needs 4,596 eval tokens to stand above the noise (compress refuses fewer)
+    "compress": ("compress", dict(target_ppl_increase=0.05, eval_tokens=5120)),
 }
 
 
@@ -102,6 +108,7 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--busy", action="store_true")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = parser.parse_args()
     model = model_path(args.model)
     rows = []
@@ -115,8 +122,10 @@ def main() -> None:
     ref = {r["busy"]: r["seconds"] for r in rows if r["config"] == "reference"}
     for r in rows:
         r["x_reference"] = round(r["seconds"] / ref[r["busy"]], 2) if r["busy"] in ref else None
-    out = HERE / "results" / f"pipeline_speed-{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "common": COMMON, "rows": rows}, indent=2) + "\n")
+    out = HERE / "results" / f"pipeline_speed-{args.model}{args.tag}.json"
+    command = "python benchmarks/pipeline_speed.py " + " ".join(sys.argv[1:])
+    doc = {"model": args.model, "common": COMMON, "rows": rows, "command": command}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\n{'config':12s} {'busy':5s} {'s':>8s} {'x ref':>6s}  result")
     for r in rows:
         what = r.get("chosen") or (f"kept {r['kept']:.3f}" if "kept" in r else "")
