@@ -60,26 +60,50 @@ def test_width_one_is_the_old_bisection():
     assert found.best.keep == pytest.approx(0.70625) and found.rounds == 4
 
 
+def _measured(truth, budget, log, report_increase=True):
+    """evaluate_many where the measured increase is truth(keep); passes iff it is within the budget."""
+    def evaluate_many(keeps):
+        log.append(list(keeps))
+        return [Candidate(k, k, 10 * (1 + truth(k)), truth(k) <= budget, 3,
+                          increase=truth(k) if report_increase else None) for k in keeps]
+    return evaluate_many
+
+
+def _truth(k):  # a measured increase growing fast as keep shrinks; 5% is met from keep 0.684 up
+    return 0.5 * (1 - k) ** 2
+
+
 def test_a_predictor_within_2x_brackets_the_boundary_in_the_first_round():
-    budget = 0.05
-    truth = lambda k: 0.5 * (1 - k) ** 2  # noqa: E731  (measured increase; passes iff <= budget)
+    budget, boundary = 0.05, 1 - 0.1 ** 0.5
     for bias in (0.6, 1.0, 1.8):  # the predictor is off by this factor
-        keeps = opening_keeps(0.8, 3, predict=lambda k, b=bias: b * truth(k), budget=budget)
+        keeps = opening_keeps(0.8, 3, predict=lambda k, b=bias: b * _truth(k), budget=budget)
         assert len(keeps) == 3 and keeps == sorted(keeps, reverse=True)
-        passed = [truth(k) <= budget for k in keeps]
+        passed = [_truth(k) <= budget for k in keeps]
         assert passed[0] and not passed[-1], (bias, keeps)  # largest passes, smallest fails
         log = []
-
-        def evaluate_many(ks, log=log):
-            log.append(ks)
-            return [Candidate(k, k, truth(k), truth(k) <= budget, 3) for k in ks]
-        found = search_keep_batched(evaluate_many, width=3, rounds=10, opening=keeps, tolerance=TOL)
-        boundary = 1 - (2 * budget) ** 0.5
+        found = search_keep_batched(_measured(_truth, budget, log), width=3, rounds=10, tolerance=TOL,
+                                    predict=lambda k, b=bias: b * _truth(k), budget=budget)
         assert boundary <= found.best.keep <= boundary + TOL
-        assert found.rounds <= 4
+        assert found.rounds <= 4 and log[0] == keeps
     # without a predictor: width keeps a step apart around the first guess
     assert opening_keeps(0.8, 3) == pytest.approx([0.9, 0.8, 0.7])
-    assert opening_keeps(0.8, 1, predict=truth, budget=budget) == [0.8]
+    assert opening_keeps(0.8, 1, predict=_truth, budget=budget) == [0.8]
+
+
+@pytest.mark.parametrize("bias", [0.05, 20.0])
+def test_a_badly_biased_predictor_is_rescaled_by_what_was_measured(bias):
+    """Off by 20x, the opening misses the boundary; the next round rescales the predictor to the measured
+    increase and brackets it, where spreading evenly over the untried range takes more rounds."""
+    budget, boundary = 0.05, 1 - 0.1 ** 0.5
+    runs = {}
+    for report in (True, False):  # without measured increases the search can only spread evenly
+        log = []
+        runs[report] = search_keep_batched(_measured(_truth, budget, log, report), width=3, rounds=20,
+                                           tolerance=TOL, predict=lambda k: bias * _truth(k), budget=budget)
+        assert boundary <= runs[report].best.keep <= boundary + TOL
+        first = [_truth(k) <= budget for k in log[0]]
+        assert all(first) or not any(first)  # the opening did miss
+    assert runs[True].rounds < runs[False].rounds, (runs[True].rounds, runs[False].rounds)
 
 
 def test_invariants_no_factorization_never_passes_and_rounds_are_capped():

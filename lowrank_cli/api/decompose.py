@@ -340,12 +340,11 @@ class _Job(SolverJob):
                 record["passed"] = passed and record["factorized_layers"] > 0
                 keep_smallest_passing(record)
                 found.append(search.Candidate(record["keep"], record["kept_fraction"], record["perplexity"],
-                                              passed, record["factorized_layers"]))
+                                              passed, record["factorized_layers"], increase=record["increase"]))
             return found
 
         found = search.search_keep_batched(evaluate_many, width=self.opts.search_width,
-                                           rounds=self.opts.search_steps, opening=self._opening(),
-                                           floor=self._floor())
+                                           rounds=self.opts.search_steps, floor=self._floor(), **self._guess())
         if found.best is None:
             closest = found.closest
             raise BudgetNotMet(
@@ -356,20 +355,19 @@ class _Job(SolverJob):
                 details={"evaluations": [_public(r) for r in self.evaluations], "baseline": self.baseline["eval"]})
         return best
 
-    def _opening(self) -> list[float]:
-        """The first pass's keeps: bracketing the Fisher prediction of the budget's keep when there is one."""
+    def _guess(self) -> dict:
+        """Where the search starts: the Fisher estimate's prediction of the increase when there is one."""
         from lowrank_cli.methods.decompose import search
 
-        width, floor = self.opts.search_width, self._floor()
         if not self.fisher:
-            return search.opening_keeps(0.8, width, floor=floor)
-        tokens = int(self.windows.calib.numel())
+            return {"first": 0.8}
+        tokens, floor = int(self.windows.calib.numel()), self._floor()
 
         def predict(keep):
             return _predicted_increase(self.curves, self._ranks(keep), tokens)
 
         first = search.first_guess(predict, self.budget["value"], lo=max(0.3, floor))
-        return search.opening_keeps(first, width, predict=predict, budget=self.budget["value"], floor=floor)
+        return {"first": first, "predict": predict, "budget": self.budget["value"]}
 
     def _write(self, tmp, chosen: dict, sens: dict) -> DecomposeResult:
         """Move the chosen candidate's shards into place, then config, side files, manifest."""

@@ -64,9 +64,9 @@ class DecomposeOptions:
     search_width: int = option(3, panel=BUDGET, help="Kept fractions the perplexity search evaluates in one "
                                "streamed pass (1: bisection, one per pass). Each one holds its own calibration "
                                "(with sequential calibration) and evaluation activations for the whole pass, "
-                               "about (calib-samples x seq-len + eval-tokens + test-tokens) x hidden floats "
-                               "(--dry-run shows it) and its own compute: wider needs fewer passes, not less "
-                               "work.")
+                               "about (calib-samples x seq-len + eval-tokens + test-tokens) x hidden values "
+                               "of the compute dtype (--dry-run counts them), and its own compute: wider needs "
+                               "fewer passes, not less work.")
     # stdlib-mix (code and English documentation) measured better for both kinds of text than code alone
     # (benchmarks/calib_mix.py, SmolLM2, keep 0.8: code ppl +39% vs +28%, prose +40% vs +74%)
     calib: str | None = option("stdlib-mix", panel=DATA_PANEL, help="Calibration text (same forms as --data). "

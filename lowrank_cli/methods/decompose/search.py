@@ -7,14 +7,17 @@ shrinks, so the boundary lies between the smallest keep known to pass and the la
 One streamed pass can evaluate several keeps (every block is read once for all of them), so the search
 works in rounds: `evaluate_many(keeps)` is one pass, and each round places `width` keeps evenly inside the
 remaining (fail, pass) interval, shrinking it by width + 1. Width 1 is plain bisection. The opening round
-brackets the predicted boundary when a cheap predictor is given. The untouched model (keep = 1) never
-counts as a pass, and neither does a candidate that factorizes no layer.
+brackets the predicted boundary when a cheap predictor is given; while every candidate so far has failed
+(or every one passed), the predictor is rescaled by what was measured and brackets again, instead of
+spreading keeps over the whole untried range. The untouched model (keep = 1) never counts as a pass, and
+neither does a candidate that factorizes no layer.
 
 Pure control flow: no model, no files; the caller's `evaluate_many` does the work and logs it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ class Candidate:
     factorized_layers: int
     payload: object = None  # whatever the caller wants to keep (e.g. where the shards were written)
     round: int = 0  # the search round (the streamed pass) that evaluated it, from 1
+    increase: float | None = None  # measured relative perplexity increase (rescales a predictor)
 
 
 @dataclass
@@ -45,21 +49,23 @@ class SearchOutcome:
 
 
 def search_keep_batched(evaluate_many: Callable[[list[float]], list[Candidate]], *, width: int = 3,
-                        rounds: int = 6, opening: list[float] | None = None, first: float = 0.8,
-                        floor: float = 0.05, tolerance: float = 0.01) -> SearchOutcome:
+                        rounds: int = 6, first: float = 0.8, predict: Callable[[float], float] | None = None,
+                        budget: float | None = None, floor: float = 0.05, tolerance: float = 0.01) -> SearchOutcome:
     """Search keep in (floor, 1) for the smallest passing candidate within `rounds` calls of evaluate_many.
 
-    The first round evaluates `opening` (default: `first` alone, or `width` keeps around it, see
-    `opening_keeps`); each later round `width` keeps evenly spaced strictly inside (largest failing keep,
-    smallest passing keep). A candidate that factorizes no layer never passes; it bounds the interval from
-    above (a larger keep factorizes no more). Stops once pass and fail are within `tolerance`.
+    The first round evaluates `opening_keeps(first, width, predict, budget)`; each later round `width` keeps
+    evenly spaced strictly inside (largest failing keep, smallest passing keep), or, while no candidate has
+    both passed and failed, the predictor's bracket rescaled to the measured increases (`Candidate.increase`).
+    A candidate that factorizes no layer never passes; it bounds the interval from above (a larger keep
+    factorizes no more). Stops once pass and fail are within `tolerance`.
     """
     if width < 1 or rounds < 1:
         raise ValueError(f"width and rounds must be at least 1, got {width}, {rounds}")
     tried: list[Candidate] = []
     lo, hi = floor, 1.0  # lo: fails (or the floor), hi: passes (or the untouched model)
     best: Candidate | None = None
-    keeps = _inside(opening or opening_keeps(first, width, floor=floor), floor, 1.0) or [(floor + 1.0) / 2]
+    keeps = _inside(opening_keeps(first, width, predict=predict, budget=budget, floor=floor), floor, 1.0)
+    keeps = keeps or [(floor + 1.0) / 2]
     done = 0
     while done < rounds and keeps:
         done += 1
@@ -75,13 +81,32 @@ def search_keep_batched(evaluate_many: Callable[[list[float]], list[Candidate]],
                 lo = max(lo, cand.keep)
         if hi - lo <= tolerance:
             break
-        keeps = _inside([lo + (hi - lo) * j / (width + 1) for j in range(1, width + 1)], lo, hi)
+        even = [lo + (hi - lo) * j / (width + 1) for j in range(1, width + 1)]
+        bracketed = any(c.passed for c in tried) and any(not c.passed and c.factorized_layers for c in tried)
+        guided = [] if bracketed or width == 1 else _rescaled_opening(tried, width, predict, budget, lo, hi)
+        keeps = _inside(guided or even, lo, hi)
     return SearchOutcome(best, tried, done)
+
+
+def _rescaled_opening(tried: list[Candidate], width: int, predict, budget, lo: float, hi: float) -> list[float]:
+    """The predictor's opening bracket after scaling it to match the measured increase of the candidate
+    nearest the untried side (the smallest keep if all passed, the largest if all failed); [] if unusable."""
+    measured = [c for c in tried if c.factorized_layers]
+    if predict is None or not budget or not measured:
+        return []
+    nearest = min(measured, key=lambda c: c.keep) if measured[0].passed else max(measured, key=lambda c: c.keep)
+    predicted = predict(nearest.keep)
+    if nearest.increase is None or not (nearest.increase > 0 and predicted > 0) or not math.isfinite(
+            nearest.increase):
+        return []
+    scale = nearest.increase / predicted
+    return _inside(opening_keeps(0.5 * (lo + hi), width, predict=lambda k: scale * predict(k), budget=budget,
+                                 floor=lo), lo, hi)
 
 
 def search_keep(evaluate: Callable[[float], Candidate], *, steps: int = 6, first: float = 0.8,
                 floor: float = 0.05, tolerance: float = 0.01) -> SearchOutcome:
-    """Bisection: the batched search with one keep per round (one evaluation per step)."""
+    """Bisection: the batched search with one keep per round (one evaluation per step, from `first`)."""
     return search_keep_batched(lambda keeps: [evaluate(k) for k in keeps], width=1, rounds=steps, first=first,
                                floor=floor, tolerance=tolerance)
 
