@@ -6,7 +6,8 @@ the other, on the same model, calibration (16 x 512) and eval/test text (4096 + 
     reference     decompose --params-ratio 0.8 --allocation uniform --no-sequential: calibrate once,
                   whitened SVD per layer, uniform ranks (the plain recipe the default is compared with)
     default       decompose --params-ratio 0.8 (Fisher allocation, sequential calibration)
-    search-1pct   decompose --target-ppl-increase 1% (the bisection over the kept fraction)
+    search-1pct   decompose --target-ppl-increase 1% (3 kept fractions per streamed pass, the default)
+    search-1pct-w1  the same with --search-width 1 (bisection, one kept fraction per pass)
     quantize      quantize (GPTQ 4-bit, asymmetric, act-order, g128; baseline and quantized in one pass)
     compress      compress --target-ppl-increase 5% (10 candidates; one calibration pass, one candidates pass)
 With --busy, every configuration runs again beside a second process that keeps both cores busy with
@@ -34,6 +35,7 @@ CONFIGS = {
     "reference": ("decompose", dict(params_ratio=0.8, allocation="uniform", sequential=False)),
     "default": ("decompose", dict(params_ratio=0.8)),
     "search-1pct": ("decompose", dict(target_ppl_increase=0.01)),
+    "search-1pct-w1": ("decompose", dict(target_ppl_increase=0.01, search_width=1)),
     "quantize": ("quantize", dict(calib_samples=16)),
     "compress": ("compress", dict(target_ppl_increase=0.05)),
 }
@@ -62,7 +64,8 @@ def _job(kind: str, model: str, overrides: dict, queue) -> None:
         doc = {"ok": True, "timings_s": result.timings_s}
         if kind == "decompose":
             doc.update(kept=result.params["targeted_ratio"], ppl=result.perplexity["final"],
-                       test_ppl=result.perplexity["test_final"], evaluations=len(result.evaluations))
+                       test_ppl=result.perplexity["test_final"], evaluations=len(result.evaluations),
+                       passes=len({e["pass"] for e in result.evaluations}))
         elif kind == "compress":
             doc.update(chosen=result.chosen["label"], test_ppl=result.chosen["test_perplexity"])
         else:
