@@ -182,6 +182,15 @@ def test_bad_search_width_exits_2_and_writes_nothing(width, tiny_llama, tmp_path
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_search_with_nothing_to_factorize_exits_2(tiny_llama, tmp_path):
+    """Rank 48 is above every tiny_llama layer's break-even (32, 42, 21): no keep below 1 exists."""
+    out = tmp_path / "out"
+    code, doc, result = decompose(str(tiny_llama), "-o", str(out), "--rank-multiple", "48", *FAST)
+    assert code == 2, result.stderr
+    assert "no targeted layer saves parameters" in doc["error"]["message"]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_dry_run_counts_the_candidates_streams(tiny_llama):
     docs = {w: decompose(str(tiny_llama), "--dry-run", "--search-width", w, *FAST)[1] for w in ("1", "3")}
     one, three = docs["1"]["memory"], docs["3"]["memory"]

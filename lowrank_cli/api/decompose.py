@@ -343,8 +343,13 @@ class _Job(SolverJob):
                                               passed, record["factorized_layers"], increase=record["increase"]))
             return found
 
+        floor = self._floor()
+        if floor >= 1:
+            raise UsageError(f"no targeted layer saves parameters at rank {self.opts.rank_multiple} (every "
+                             "break-even rank is lower), so no kept fraction below 1 exists: lower "
+                             "--rank-multiple or change --targets")
         found = search.search_keep_batched(evaluate_many, width=self.opts.search_width,
-                                           rounds=self.opts.search_steps, floor=self._floor(), **self._guess())
+                                           rounds=self.opts.search_steps, floor=floor, **self._guess())
         if found.best is None:
             closest = found.closest
             raise BudgetNotMet(
