@@ -52,6 +52,14 @@ def test_batched_search_needs_about_half_the_rounds_of_bisection():
     assert rounds[3] <= 0.6 * rounds[1], rounds
 
 
+def test_rounds_split_the_gap_evenly_and_the_last_one_spends_only_what_tolerance_needs():
+    log = []
+    found = search_keep_batched(_toy(0.705, log), width=3, rounds=10, first=0.8, tolerance=TOL)
+    assert log == [pytest.approx([0.9, 0.8, 0.7]), pytest.approx([0.775, 0.75, 0.725]),
+                   pytest.approx([0.716667, 0.708333])]  # a 0.025 gap needs 2 keeps, not 3
+    assert found.best.keep == pytest.approx(0.708333) and found.rounds == 3
+
+
 def test_width_one_is_the_old_bisection():
     """search_keep (one evaluation per step) visits first, then the midpoints of the (fail, pass) interval."""
     calls = []

@@ -54,7 +54,8 @@ def search_keep_batched(evaluate_many: Callable[[list[float]], list[Candidate]],
     """Search keep in (floor, 1) for the smallest passing candidate within `rounds` calls of evaluate_many.
 
     The first round evaluates `opening_keeps(first, width, predict, budget)`; each later round `width` keeps
-    evenly spaced strictly inside (largest failing keep, smallest passing keep), or, while no candidate has
+    (fewer where fewer bring the gap within tolerance) evenly spaced strictly inside (largest failing keep,
+    smallest passing keep), or, while no candidate has
     both passed and failed, the predictor's bracket rescaled to the measured increases (`Candidate.increase`).
     A candidate that factorizes no layer never passes; it bounds the interval from above (a larger keep
     factorizes no more). Stops once pass and fail are within `tolerance`.
@@ -81,7 +82,9 @@ def search_keep_batched(evaluate_many: Callable[[list[float]], list[Candidate]],
                 lo = max(lo, cand.keep)
         if hi - lo <= tolerance:
             break
-        even = [lo + (hi - lo) * j / (width + 1) for j in range(1, width + 1)]
+        # no more keeps than it takes to bring the gap within tolerance (the last round is often narrow)
+        n = min(width, max(1, math.ceil((hi - lo) / tolerance - 1e-9) - 1))
+        even = [lo + (hi - lo) * j / (n + 1) for j in range(1, n + 1)]
         bracketed = any(c.passed for c in tried) and any(not c.passed and c.factorized_layers for c in tried)
         guided = [] if bracketed or width == 1 else _rescaled_opening(tried, width, predict, budget, lo, hi)
         keeps = _inside(guided or even, lo, hi)
