@@ -114,6 +114,22 @@ def test_a_badly_biased_predictor_is_rescaled_by_what_was_measured(bias):
     assert runs[True].rounds < runs[False].rounds, (runs[True].rounds, runs[False].rounds)
 
 
+def test_once_bracketed_a_round_zooms_on_the_interpolated_boundary():
+    """With the measured increases at both ends, the round after the bracket places its keeps a tolerance
+    apart around the boundary interpolated in log(increase), and closes the gap there."""
+    budget, boundary = 0.05, 1 - 0.1 ** 0.5
+    runs, logs = {}, {}
+    for report in (True, False):
+        logs[report] = []
+        runs[report] = search_keep_batched(_measured(_truth, budget, logs[report], report), width=3, rounds=20,
+                                           first=0.8, budget=budget, tolerance=TOL)
+        assert boundary <= runs[report].best.keep <= boundary + TOL
+    zoom = logs[True][2]  # [0.9, 0.8, 0.7] all pass, [0.5375, 0.375, 0.2125] all fail, then the zoom
+    assert logs[True][1] == pytest.approx([0.5375, 0.375, 0.2125])
+    assert max(zoom) - min(zoom) <= 2 * TOL and min(zoom) < boundary < max(zoom)
+    assert runs[True].rounds == 3 < runs[False].rounds
+
+
 def test_invariants_no_factorization_never_passes_and_rounds_are_capped():
     # a keep that factorizes no layer "passes" the perplexity test but is never chosen; it bounds from above
     log = []

@@ -361,11 +361,12 @@ class _Job(SolverJob):
         return best
 
     def _guess(self) -> dict:
-        """Where the search starts: the Fisher estimate's prediction of the increase when there is one."""
+        """Where the search starts (the Fisher estimate's prediction of the increase when there is one), and
+        the budget its measured increases are interpolated to."""
         from lowrank_cli.methods.decompose import search
 
         if not self.fisher:
-            return {"first": 0.8}
+            return {"first": 0.8, "budget": self.budget["value"]}
         tokens, floor = int(self.windows.calib.numel()), self._floor()
 
         def predict(keep):

@@ -9,7 +9,8 @@ works in rounds: `evaluate_many(keeps)` is one pass, and each round places `widt
 remaining (fail, pass) interval, shrinking it by width + 1. Width 1 is plain bisection. The opening round
 brackets the predicted boundary when a cheap predictor is given; while every candidate so far has failed
 (or every one passed), the predictor is rescaled by what was measured and brackets again, instead of
-spreading keeps over the whole untried range. The untouched model (keep = 1) never counts as a pass, and
+spreading keeps over the whole untried range; once bracketed, every other round may zoom on the boundary
+interpolated from the measured increases at the two ends. The untouched model (keep = 1) never counts as a pass, and
 neither does a candidate that factorizes no layer.
 
 Pure control flow: no model, no files; the caller's `evaluate_many` does the work and logs it.
@@ -53,12 +54,9 @@ def search_keep_batched(evaluate_many: Callable[[list[float]], list[Candidate]],
                         budget: float | None = None, floor: float = 0.05, tolerance: float = 0.01) -> SearchOutcome:
     """Search keep in (floor, 1) for the smallest passing candidate within `rounds` calls of evaluate_many.
 
-    The first round evaluates `opening_keeps(first, width, predict, budget)`; each later round `width` keeps
-    (fewer where fewer bring the gap within tolerance) evenly spaced strictly inside (largest failing keep,
-    smallest passing keep), or, while no candidate has
-    both passed and failed, the predictor's bracket rescaled to the measured increases (`Candidate.increase`).
-    A candidate that factorizes no layer never passes; it bounds the interval from above (a larger keep
-    factorizes no more). Stops once pass and fail are within `tolerance`.
+    The first round evaluates `opening_keeps(first, width, predict, budget)`; later rounds are placed by
+    `_next_keeps`. A candidate that factorizes no layer never passes; it bounds the interval from above (a
+    larger keep factorizes no more). Stops once pass and fail are within `tolerance`.
     """
     if width < 1 or rounds < 1:
         raise ValueError(f"width and rounds must be at least 1, got {width}, {rounds}")
@@ -67,7 +65,7 @@ def search_keep_batched(evaluate_many: Callable[[list[float]], list[Candidate]],
     best: Candidate | None = None
     keeps = _inside(opening_keeps(first, width, predict=predict, budget=budget, floor=floor), floor, 1.0)
     keeps = keeps or [(floor + 1.0) / 2]
-    done = 0
+    done, zoomed = 0, False
     while done < rounds and keeps:
         done += 1
         for cand in evaluate_many(keeps):
@@ -82,13 +80,48 @@ def search_keep_batched(evaluate_many: Callable[[list[float]], list[Candidate]],
                 lo = max(lo, cand.keep)
         if hi - lo <= tolerance:
             break
-        # no more keeps than it takes to bring the gap within tolerance (the last round is often narrow)
-        n = min(width, max(1, math.ceil((hi - lo) / tolerance - 1e-9) - 1))
-        even = [lo + (hi - lo) * j / (n + 1) for j in range(1, n + 1)]
-        bracketed = any(c.passed for c in tried) and any(not c.passed and c.factorized_layers for c in tried)
-        guided = [] if bracketed or width == 1 else _rescaled_opening(tried, width, predict, budget, lo, hi)
-        keeps = _inside(guided or even, lo, hi)
+        keeps, zoomed = _next_keeps(tried, lo, hi, width, tolerance, predict, budget, zoomed)
     return SearchOutcome(best, tried, done)
+
+
+def _next_keeps(tried: list[Candidate], lo: float, hi: float, width: int, tolerance: float, predict, budget,
+                zoomed: bool) -> tuple[list[float], bool]:
+    """The next round's keeps inside (lo, hi), and whether they zoom on an interpolated boundary.
+
+    - Nothing bracketed yet (all passed or all failed): the predictor's opening bracket, rescaled to the
+      measured increase (width > 1 with a predictor), else even spacing.
+    - Bracketed, width > 1, the measured increases at both ends known, and the previous round did not zoom:
+      `width` keeps `tolerance` apart around the boundary interpolated in log(increase) between the two
+      ends, so a good interpolation closes the gap in this round; a zoom that misses leaves a smaller gap,
+      and the round after it spreads evenly (the guarantee of the even split, at most every other round).
+    - Otherwise `width` keeps evenly spaced, no more than it takes to bring the gap within tolerance.
+    """
+    n = min(width, max(1, math.ceil((hi - lo) / tolerance - 1e-9) - 1))
+    even = _inside([lo + (hi - lo) * j / (n + 1) for j in range(1, n + 1)], lo, hi)
+    if width == 1:
+        return even, False
+    bracketed = any(c.passed for c in tried) and any(not c.passed and c.factorized_layers for c in tried)
+    if not bracketed:
+        return _rescaled_opening(tried, width, predict, budget, lo, hi) or even, False
+    target = _interpolated(tried, lo, hi, budget)
+    if zoomed or n < width or target is None:
+        return even, False
+    step = 0.98 * tolerance  # a boundary within (keep - step, keep + step) of the target ends the search
+    zoom = _inside([target + step * (j - (width - 1) / 2) for j in range(width)], lo, hi)
+    return (zoom, True) if zoom else (even, False)
+
+
+def _interpolated(tried: list[Candidate], lo: float, hi: float, budget) -> float | None:
+    """The keep where log(increase) interpolated linearly between the candidates at lo (failed) and hi
+    (passed) meets the budget; None where either increase is unknown or not positive."""
+    ends = {c.keep: c for c in tried if c.keep in (lo, hi) and c.factorized_layers}
+    if not budget or lo not in ends or hi not in ends:
+        return None
+    inc_lo, inc_hi = ends[lo].increase, ends[hi].increase
+    if inc_lo is None or inc_hi is None or not (inc_lo > budget >= inc_hi > 0) or not math.isfinite(inc_lo):
+        return None
+    t = (math.log(budget) - math.log(inc_hi)) / (math.log(inc_lo) - math.log(inc_hi))
+    return hi - (hi - lo) * t
 
 
 def _rescaled_opening(tried: list[Candidate], width: int, predict, budget, lo: float, hi: float) -> list[float]:
