@@ -5,13 +5,15 @@ into ranks, and evaluating a keep compresses and measures. Perplexity grows (nea
 shrinks, so the boundary lies between the smallest keep known to pass and the largest known to fail.
 
 One streamed pass can evaluate several keeps (every block is read once for all of them), so the search
-works in rounds: `evaluate_many(keeps)` is one pass, and each round places `width` keeps evenly inside the
-remaining (fail, pass) interval, shrinking it by width + 1. Width 1 is plain bisection. The opening round
-brackets the predicted boundary when a cheap predictor is given; while every candidate so far has failed
-(or every one passed), the predictor is rescaled by what was measured and brackets again, instead of
-spreading keeps over the whole untried range; once bracketed, every other round may zoom on the boundary
-interpolated from the measured increases at the two ends. The untouched model (keep = 1) never counts as a pass, and
-neither does a candidate that factorizes no layer.
+works in rounds: `evaluate_many(keeps)` is one pass of up to `width` keeps. Width 1 is plain bisection.
+For wider rounds:
+- the opening brackets the predicted boundary when a cheap predictor is given;
+- while every candidate so far has failed (or every one passed), the predictor is rescaled by what was
+  measured and brackets again, instead of spreading keeps over the whole untried range;
+- once bracketed, a round may zoom on the boundary interpolated from the increases measured at the two
+  ends (keeps a tolerance apart, so a good interpolation ends the search), and the round after a zoom
+  splits the remaining (fail, pass) interval evenly, shrinking it by width + 1 whatever the curve.
+The untouched model (keep = 1) never counts as a pass, and neither does a candidate that factorizes no layer.
 
 Pure control flow: no model, no files; the caller's `evaluate_many` does the work and logs it.
 """
@@ -34,7 +36,8 @@ class Candidate:
     factorized_layers: int
     payload: object = None  # whatever the caller wants to keep (e.g. where the shards were written)
     round: int = 0  # the search round (the streamed pass) that evaluated it, from 1
-    increase: float | None = None  # measured relative perplexity increase (rescales a predictor)
+    increase: float | None = None  # measured relative perplexity increase (rescales the predictor, and
+    # places a zoom round by interpolation)
 
 
 @dataclass
