@@ -8,7 +8,9 @@ the other, on the same model, calibration (16 x 512) and eval/test text (4096 + 
     default       decompose --params-ratio 0.8 (Fisher allocation, sequential calibration)
     fisher-no-seq decompose --params-ratio 0.8 --no-sequential (Fisher allocation, the input model's Grams)
     default-10k   default at the command's own eval/test sizes (10240 + 10240 tokens)
-    search-1pct   decompose --target-ppl-increase 1% (the bisection over the kept fraction)
+    search-1pct   decompose --target-ppl-increase 1% (the default --search-width)
+    search-1pct-w3  the same with --search-width 3 (3 kept fractions per streamed pass)
+    search-1pct-w1  the same with --search-width 1 (bisection, one kept fraction per pass)
     quantize      quantize (GPTQ 4-bit, asymmetric, act-order, g128; baseline and quantized in one pass)
     compress      compress --target-ppl-increase 5% --eval-tokens 5120 (10 candidates; one calibration pass with
                   Fisher sensitivities, one candidates pass)
@@ -39,6 +41,8 @@ CONFIGS = {
     "fisher-no-seq": ("decompose", dict(params_ratio=0.8, sequential=False)),
     "default-10k": ("decompose", dict(params_ratio=0.8, eval_tokens=10240, test_tokens=10240)),
     "search-1pct": ("decompose", dict(target_ppl_increase=0.01)),
+    "search-1pct-w3": ("decompose", dict(target_ppl_increase=0.01, search_width=3)),
+    "search-1pct-w1": ("decompose", dict(target_ppl_increase=0.01, search_width=1)),
     "quantize": ("quantize", dict(calib_samples=16)),
     # 5% needs 4,596 eval tokens to stand above the noise (compress refuses fewer)
     "compress": ("compress", dict(target_ppl_increase=0.05, eval_tokens=5120)),
@@ -68,7 +72,8 @@ def _job(kind: str, model: str, overrides: dict, queue) -> None:
         doc = {"ok": True, "timings_s": result.timings_s}
         if kind == "decompose":
             doc.update(kept=result.params["targeted_ratio"], ppl=result.perplexity["final"],
-                       test_ppl=result.perplexity["test_final"], evaluations=len(result.evaluations))
+                       test_ppl=result.perplexity["test_final"], evaluations=len(result.evaluations),
+                       passes=len({e["pass"] for e in result.evaluations}))
         elif kind == "compress":
             doc.update(chosen=result.chosen["label"], test_ppl=result.chosen["test_perplexity"])
         else:

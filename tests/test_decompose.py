@@ -234,7 +234,8 @@ def test_perplexity_budget_on_the_demo_removes_parameters(tmp_path):
     assert code == 0, result.stderr
     assert doc["params"]["model_after"] < doc["params"]["model_before"]
     assert doc["perplexity"]["final"] <= doc["perplexity"]["baseline"] * 1.05
-    assert 1 <= len(doc["evaluations"]) <= 3
+    assert 1 <= len({e["pass"] for e in doc["evaluations"]}) <= 3  # --search-steps counts streamed passes
+    assert len(doc["evaluations"]) <= 3 * 3  # of at most --search-width (3) candidates each
     assert any(e["passed"] for e in doc["evaluations"])
     manifest = json.loads((out / "lowrank.json").read_text())
     assert manifest["metrics"]["perplexity"]["final"] == doc["perplexity"]["final"]

@@ -10,7 +10,8 @@ Flow (every model pass streams one decoder block at a time):
   2. sensitivity (allocation "fisher"): one streamed backward pass -> loss per unit of output error;
   3. allocation: ranks from the curves for a kept-parameter fraction (or one rank everywhere);
   4. compress: factorize block by block (sequential calibration) while measuring perplexity; for
-     --target-ppl-increase, bisection over the kept fraction repeats this step a few times;
+     --target-ppl-increase, a search over the kept fraction repeats this step a few times, each pass
+     evaluating --search-width kept fractions (one read of the blocks serves them all);
   5. write the winner: shards, config (+ modeling file), side files, manifest; rename into place.
 """
 
@@ -67,7 +68,8 @@ class DecomposeResult(Result):
             ("perplexity (eval)", f"{q['baseline']:.4f} -> {q['final']:.4f} ({q['increase'] * 100:+.2f}%)"),
             ("perplexity (test)", f"{q['test_baseline']:.4f} -> {q['test_final']:.4f} "
                                   f"({q['test_increase'] * 100:+.2f}%)"),
-            ("evaluations", len(self.evaluations)),
+            ("evaluations", f"{len(self.evaluations)} in "
+                            f"{len({e.get('pass') for e in self.evaluations})} streamed passes"),
             ("time", f"{sum(self.timings_s.values()):.1f} s"),
         ]
         return rows
@@ -138,7 +140,9 @@ class _Job(SolverJob):
             self.ckpt, self.streamed.blocks_name, self.streamed.num_blocks, self.targets, hidden=cfg.hidden_size,
             vocab=cfg.vocab_size, compute_bytes=compute, calib_tokens=opts.calib_samples * opts.calib_seq_len,
             eval_tokens=opts.eval_tokens + opts.test_tokens, seq_len=opts.calib_seq_len,
-            batch_size=opts.batch_size, fisher=self.fisher)
+            batch_size=opts.batch_size, fisher=self.fisher,
+            candidates=opts.search_width if self.kind == "target_ppl_increase" else 1,
+            own_calib=opts.sequential and opts.method != "svd")
         memory["device"] = opts.device
         memory["compute_dtype"] = str(self.dtype).replace("torch.", "")
         memory["output"] = estimate_output_bytes(self.ckpt, self.targets, keep=opts.params_ratio, rank=opts.rank,
@@ -230,44 +234,64 @@ class _Job(SolverJob):
         return allocate.allocate_ranks(self.curves, keep, self.opts.rank_multiple)
 
     def _compress(self, tmp, keep: float | None, ranks: dict) -> dict:
-        """Factorize at `ranks` into a candidate folder in one pipeline pass; the evaluation record."""
+        """One candidate: factorize at `ranks` into a candidate folder; its evaluation record."""
+        return self._compress_many(tmp, [(keep, ranks)])[0]
+
+    def _compress_many(self, tmp, runs: list[tuple[float | None, dict]]) -> list[dict]:
+        """Every (keep, ranks) candidate in one pipeline pass (each block read once for all), each written
+        to its own candidate folder; their evaluation records, in order."""
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
         from lowrank_cli.io.finish import copy_outer_tensors
         from lowrank_cli.io.writer import ShardWriter, parse_size
-        from lowrank_cli.methods.decompose.allocate import kept_params
         from lowrank_cli.methods.decompose.modifier import Factorize
 
-        opts, index = self.opts, len(self.evaluations)
-        folder = tmp / f".candidate-{index}"
-        folder.mkdir()
-        writer = ShardWriter(folder, parse_size(opts.max_shard_size))
+        opts, first = self.opts, len(self.evaluations)
+        self.passes += 1
+        cands, writers = [], []
+        for k, (_, ranks) in enumerate(runs):
+            folder = tmp / f".candidate-{first + k}"
+            folder.mkdir()
+            writers.append((folder, ShardWriter(folder, parse_size(opts.max_shard_size))))
+            modifier = Factorize(ranks, opts.method, opts.damp, dense=opts.format == "dense",
+                                 product_dtype=self._products())
+            cands.append(Candidate(f"candidate-{first + k}", modifier, self._sink(writers[-1][1])))
+        keeps = ", ".join(f"{keep:.3f}" for keep, _ in runs if keep is not None)
+        with self.timer("compress"):
+            task, tick = self._task(f"compress {self.passes}" + (f" keep={keeps}" if keeps else ""))
+            outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets, cands,
+                                   sequential=opts.sequential, batch_size=opts.batch_size, progress=tick)
+            task.close()
+        records = []
+        for (keep, ranks), cand, (folder, writer) in zip(runs, cands, writers, strict=True):
+            copy_outer_tensors(self.ckpt, self.streamed.blocks_name, cand.sink)
+            writer.close()
+            records.append(self._record(keep, ranks, folder, outcome.nll[cand.name], outcome.layers[cand.name],
+                                        outcome.seconds[cand.name]))
+        return records
 
+    def _sink(self, writer):
         def sink(name, tensor):
             writer.add(name, tensor.to(_out_dtype(self.ckpt, name) or tensor.dtype))
 
-        modifier = Factorize(ranks, opts.method, opts.damp, dense=opts.format == "dense",
-                             product_dtype=self._products())
-        with self.timer("compress"):
-            task, tick = self._task(f"compress {index + 1}" + (f" keep={keep:.3f}" if keep is not None else ""))
-            outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
-                                   [Candidate("compress", modifier, sink)], sequential=opts.sequential,
-                                   batch_size=opts.batch_size, progress=tick)
-            task.close()
-        copy_outer_tensors(self.ckpt, self.streamed.blocks_name, sink)
-        writer.close()
-        nll, layers, seconds = outcome.only()
+        return sink
+
+    def _record(self, keep, ranks: dict, folder, nll: dict, layers: list[dict], seconds: float) -> dict:
+        """One evaluation, appended to the search's history and logged."""
+        import logging
+
+        from lowrank_cli.methods.decompose.allocate import kept_params
+
         ppl = nll["eval"].perplexity
         record = {"keep": keep, "kept_fraction": kept_params(self.curves, ranks) / self.targeted_before,
                   "perplexity": ppl, "increase": ppl / self.baseline["eval"] - 1,
                   "test_perplexity": nll["test"].perplexity, "factorized_layers": len(layers),
-                  "seconds": round(seconds, 2), "folder": folder, "ranks": ranks, "layers": layers,
-                  "nll": nll}
+                  "pass": self.passes, "seconds": round(seconds, 2), "folder": folder, "ranks": ranks,
+                  "layers": layers, "nll": nll}
         self.evaluations.append(record)
-        import logging
-
         logging.getLogger("lowrank").info(
-            "evaluation %d: keep %s -> %.4f of targeted params, eval perplexity %.4f (%+.2f%%)", index + 1,
-            "-" if keep is None else f"{keep:.3f}", record["kept_fraction"], ppl, record["increase"] * 100)
+            "evaluation %d (pass %d): keep %s -> %.4f of targeted params, eval perplexity %.4f (%+.2f%%)",
+            len(self.evaluations), self.passes, "-" if keep is None else f"{keep:.3f}", record["kept_fraction"],
+            ppl, record["increase"] * 100)
         return record
 
     def _choose(self, tmp) -> dict:
@@ -275,12 +299,20 @@ class _Job(SolverJob):
         from lowrank_cli.methods.decompose import allocate
 
         self.evaluations: list[dict] = []
+        self.passes = 0  # streamed compress passes so far
         if self.kind == "rank":
             return self._compress(tmp, None, allocate.fixed_ranks(self.curves, self.opts.rank,
                                                                   self.opts.rank_multiple))
         if self.kind == "params_ratio":
             return self._compress(tmp, self.opts.params_ratio, self._ranks(self.opts.params_ratio))
         return self._search(tmp)
+
+    def _floor(self) -> float:
+        """The smallest keep the allocation can reach (rank `rank_multiple` wherever that saves), at least 5%."""
+        from lowrank_cli.methods.decompose import allocate
+
+        smallest = allocate.fixed_ranks(self.curves, self.opts.rank_multiple, self.opts.rank_multiple)
+        return max(0.05, allocate.kept_params(self.curves, smallest) / self.targeted_before + 1e-3)
 
     def _search(self, tmp) -> dict:
         import math
@@ -292,10 +324,7 @@ class _Job(SolverJob):
         limit = self.baseline["eval"] * (1 + self.budget["value"])
         best: dict = {}
 
-        def candidate(keep):
-            record = self._compress(tmp, keep, self._ranks(keep))
-            passed = math.isfinite(record["perplexity"]) and record["perplexity"] <= limit
-            record["passed"] = passed and record["factorized_layers"] > 0
+        def keep_smallest_passing(record) -> None:
             if record["passed"] and (not best or record["kept_fraction"] < best["kept_fraction"]):
                 if best:
                     shutil.rmtree(best["folder"])  # only the smallest passing model stays on disk
@@ -303,24 +332,48 @@ class _Job(SolverJob):
                 best.update(record)
             else:
                 shutil.rmtree(record["folder"])
-            return search.Candidate(keep, record["kept_fraction"], record["perplexity"], passed,
-                                    record["factorized_layers"])
 
-        first = 0.8
-        if self.fisher:
-            tokens = int(self.windows.calib.numel())
-            first = search.first_guess(lambda k: _predicted_increase(self.curves, self._ranks(k), tokens),
-                                       self.budget["value"])
-        found = search.search_keep(candidate, steps=self.opts.search_steps, first=first)
+        def evaluate_many(keeps):
+            found = []
+            for record in self._compress_many(tmp, [(k, self._ranks(k)) for k in keeps]):
+                passed = math.isfinite(record["perplexity"]) and record["perplexity"] <= limit
+                record["passed"] = passed and record["factorized_layers"] > 0
+                keep_smallest_passing(record)
+                found.append(search.Candidate(record["keep"], record["kept_fraction"], record["perplexity"],
+                                              passed, record["factorized_layers"], increase=record["increase"]))
+            return found
+
+        floor = self._floor()
+        if floor >= 1:
+            raise UsageError(f"no targeted layer saves parameters at rank {self.opts.rank_multiple} (every "
+                             "break-even rank is lower), so no kept fraction below 1 exists: lower "
+                             "--rank-multiple or change --targets")
+        found = search.search_keep_batched(evaluate_many, width=self.opts.search_width,
+                                           rounds=self.opts.search_steps, floor=floor, **self._guess())
         if found.best is None:
             closest = found.closest
             raise BudgetNotMet(
                 f"no compressed model met +{self.budget['value'] * 100:.3g}% eval perplexity (limit {limit:.4f}); "
                 f"closest: {closest.perplexity:.4f} keeping {closest.kept_fraction:.3f} of the targeted "
-                f"parameters after {len(found.tried)} evaluations; nothing was written",
+                f"parameters after {len(found.tried)} evaluations in {found.rounds} passes; nothing was written",
                 hint="raise the budget, add calibration text, or narrow --targets",
                 details={"evaluations": [_public(r) for r in self.evaluations], "baseline": self.baseline["eval"]})
         return best
+
+    def _guess(self) -> dict:
+        """Where the search starts (the Fisher estimate's prediction of the increase when there is one), and
+        the budget its measured increases are interpolated to."""
+        from lowrank_cli.methods.decompose import search
+
+        if not self.fisher:
+            return {"first": 0.8, "budget": self.budget["value"]}
+        tokens, floor = int(self.windows.calib.numel()), self._floor()
+
+        def predict(keep):
+            return _predicted_increase(self.curves, self._ranks(keep), tokens)
+
+        first = search.first_guess(predict, self.budget["value"], lo=max(0.3, floor))
+        return {"first": first, "predict": predict, "budget": self.budget["value"]}
 
     def _write(self, tmp, chosen: dict, sens: dict) -> DecomposeResult:
         """Move the chosen candidate's shards into place, then config, side files, manifest."""

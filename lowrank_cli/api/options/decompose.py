@@ -57,7 +57,16 @@ class DecomposeOptions:
     gram_products: str = option("float64", panel=METHOD, help="Precision of each calibration chunk's Gram "
                                 "product before it is summed in float64: float64 (exact) or float32 (faster on "
                                 "GPUs without fast float64; its effect is measured in benchmarks/README.md).")
-    search_steps: int = option(6, panel=BUDGET, help="Full evaluations the perplexity search may spend.")
+    search_steps: int = option(6, panel=BUDGET, help="Streamed passes over the model the perplexity search "
+                               "may spend (each evaluates --search-width kept fractions).")
+    # one read of the blocks serves every candidate of a pass, but each candidate still costs its own
+    # factorization and forwards: a pass of width w takes nearly w times a single evaluation's compute
+    search_width: int = option(3, panel=BUDGET, help="Kept fractions the perplexity search evaluates in one "
+                               "streamed pass (1: bisection, one per pass). Each one holds its own calibration "
+                               "(with sequential calibration) and evaluation activations for the whole pass, "
+                               "about (calib-samples x seq-len + eval-tokens + test-tokens) x hidden values "
+                               "of the compute dtype (--dry-run counts them), and its own compute: wider needs "
+                               "fewer passes, not less work.")
     # stdlib-mix (code and English documentation) measured better for both kinds of text than code alone
     # (benchmarks/calib_mix.py, SmolLM2, keep 0.8: code ppl +39% vs +28%, prose +40% vs +74%)
     calib: str | None = option("stdlib-mix", panel=DATA_PANEL, help="Calibration text (same forms as --data). "
@@ -115,7 +124,8 @@ class DecomposeOptions:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.rank_multiple < 1:
             raise UsageError("--rank-multiple must be at least 1")
-        for name in ("calib_samples", "eval_tokens", "test_tokens", "search_steps", "batch_size"):
+        for name in ("calib_samples", "eval_tokens", "test_tokens", "search_steps", "search_width",
+                     "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.calib_seq_len < 2:

@@ -21,8 +21,13 @@ def plan_summary(targets: list[Target], ranks: dict | None = None) -> list[dict]
 
 def estimate_peak_bytes(ckpt, blocks_name: str, num_blocks: int, targets: list[Target], *, hidden: int,
                         vocab: int, compute_bytes: int, calib_tokens: int, eval_tokens: int,
-                        seq_len: int, batch_size: int, fisher: bool) -> dict[str, int]:
-    """Host (or device) memory of the largest phase, by component."""
+                        seq_len: int, batch_size: int, fisher: bool, candidates: int = 1,
+                        own_calib: bool = True) -> dict[str, int]:
+    """Host (or device) memory of the largest phase, by component.
+
+    `candidates`: models evaluated in one streamed pass (the search's width); each holds its own evaluation
+    streams and, when `own_calib` (sequential calibration of a data-aware method), its own calibration
+    stream, for the whole pass. The Fisher pass's stored block boundaries live only before that pass."""
     block_bytes = 0
     for i in range(num_blocks):
         prefix = f"{blocks_name}.{i}."
@@ -33,12 +38,17 @@ def estimate_peak_bytes(ckpt, blocks_name: str, num_blocks: int, targets: list[T
     widest = max((t.n for t in targets), default=0)
     tallest = max((min(t.m, t.n) for t in targets), default=0)
     gram = widest * widest * 8 * 2 + tallest * tallest * 8 * 2  # Gram + its decomposition workspace
-    acts = (calib_tokens + eval_tokens) * hidden * compute_bytes * 2  # inputs and outputs of a block
-    if fisher:
-        acts += calib_tokens * hidden * compute_bytes * (num_blocks + 1)  # stored boundaries
+    token = hidden * compute_bytes
+    acts = (calib_tokens + eval_tokens) * token * 2  # inputs and outputs of a block
+    # the profile + Fisher phase keeps a calibration stream at every block boundary; a compress pass over
+    # several candidates keeps the other candidates' streams: the larger of the two phases counts
+    boundaries = calib_tokens * token * (num_blocks + 1) if fisher else 0
+    others = (candidates - 1) * (eval_tokens + (calib_tokens if own_calib else 0)) * token
+    acts += max(boundaries, others)
     logits = batch_size * seq_len * vocab * 4 * 2
     return {"block": block_bytes, "embeddings_and_head": outer, "gram": gram, "activations": acts,
-            "logits": logits, "total": max(block_bytes + gram, outer + logits) + acts}
+            "candidate_streams": others, "logits": logits,
+            "total": max(block_bytes + gram, outer + logits) + acts}
 
 
 def estimate_output_bytes(ckpt, targets: list[Target], *, keep: float | None = None, rank: int | None = None,
