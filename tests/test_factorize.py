@@ -254,3 +254,23 @@ def test_rank_for_error() -> None:
     assert spectrum.rank_for_error(0.0) == 4
     with pytest.raises(UsageError):
         spectrum.rank_for_error(1.5)
+
+
+@pytest.mark.parametrize(("m", "n", "damp", "samples"), [(24, 40, 0.01, 200), (40, 24, 0.01, 200),
+                                                          (40, 24, 0.0, 10), (24, 40, 0.0, 10)])
+def test_energies_only_equal_the_full_spectrum(m, n, damp, samples):
+    """The profile's curves use data_spectrum(vectors=False): the same energies (and tails) as the full
+    decomposition, for both sides of the weight and for a singular Gram without damping."""
+    from lowrank_cli.methods.decompose.factorize import data_spectrum
+
+    g = torch.Generator().manual_seed(m * n + samples)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.randn(samples, n, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    full = data_spectrum(w, gram, damp)
+    only = data_spectrum(w, gram, damp, vectors=False)
+    assert only.basis is None
+    scale = float(full.eigvals[0])
+    assert torch.allclose(only.eigvals, full.eigvals, rtol=1e-9, atol=1e-9 * scale)
+    assert torch.allclose(only.tails(), full.tails(), rtol=1e-9, atol=1e-9 * scale)
+    assert only.total == pytest.approx(full.total, rel=1e-12)

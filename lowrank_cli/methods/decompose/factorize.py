@@ -45,13 +45,14 @@ class Spectrum:
 
     Attributes:
         eigvals: float64, descending, >= 0, length k = min(m, n): the energy along each direction.
-        basis: m x k float64 with orthonormal columns, in the same order as `eigvals`.
+        basis: m x k float64 with orthonormal columns, in the same order as `eigvals` (None when only
+            the energies were computed: `data_spectrum(..., vectors=False)`).
         total: Sum of all eigvals: ||W X^T||_F^2 on the calibration data (plus damping), or
             ||W||_F^2 for plain SVD.
     """
 
     eigvals: Tensor
-    basis: Tensor
+    basis: Tensor | None
     total: float
 
     @property
@@ -91,7 +92,7 @@ def _check_rank(rank: int, k: int, *, allow_zero: bool = False) -> None:
         raise UsageError(f"rank must be an integer in [{low}, {k}] for this layer, got {rank!r}")
 
 
-def data_spectrum(weight: Tensor, gram: Tensor, damp: float = 0.0) -> Spectrum:
+def data_spectrum(weight: Tensor, gram: Tensor, damp: float = 0.0, vectors: bool = True) -> Spectrum:
     """Eigen-decomposition of the output covariance W G' W^T, computed on the smaller side of W.
 
     Args:
@@ -99,6 +100,8 @@ def data_spectrum(weight: Tensor, gram: Tensor, damp: float = 0.0) -> Spectrum:
         gram: The n x n input Gram G = X^T X (see `accumulate_gram`).
         damp: Relative damping: G' = G + damp * mean(diag(G)) * I. It makes a rank-deficient Gram
             well-posed and pulls the solution toward plain SVD in directions the data never visits.
+        vectors: False computes the energies only (`basis` is None): what an error-versus-rank curve
+            needs, at about a third of the cost (eigvalsh, and a Cholesky factor instead of G's eigh).
 
     Returns:
         The Spectrum on gram's device: the data-aware optimum at every rank.
@@ -127,6 +130,8 @@ def data_spectrum(weight: Tensor, gram: Tensor, damp: float = 0.0) -> Spectrum:
     if damp > 0.0:
         g.diagonal().add_(damp * scale)
     w = weight.to(device=g.device, dtype=torch.float64)
+    if not vectors:
+        return _energies(w, g)
     if m <= n:
         # m x m problem: cost ~ m n^2 to form, m^3 to decompose.
         cov = w @ g @ w.T
@@ -145,6 +150,29 @@ def data_spectrum(weight: Tensor, gram: Tensor, damp: float = 0.0) -> Spectrum:
     # Round-off can leave tiny negative eigenvalues; energies are >= 0 by definition.
     vals = vals.clamp_min(0.0).contiguous()
     return Spectrum(vals, vecs.contiguous(), float(vals.sum()))
+
+
+def _energies(w: Tensor, g: Tensor) -> Spectrum:
+    """The eigenvalues of W G W^T alone. For m > n they are those of the n x n matrix C^T W^T W C with
+    G = C C^T (Cholesky), which shares its nonzero eigenvalues; a Gram too singular to factor (no
+    damping) takes G's eigh, as data_spectrum does."""
+    m, n = w.shape
+    if m <= n:
+        cov = w @ g @ w.T
+        with single_thread_upto(cov):
+            vals = torch.linalg.eigvalsh(0.5 * (cov + cov.T))
+    else:
+        c, info = torch.linalg.cholesky_ex(g)
+        if int(info) != 0:
+            with single_thread_upto(g):
+                lam, v = torch.linalg.eigh(g)
+            c = v * lam.clamp_min(0.0).sqrt()
+        wc = w @ c
+        small = wc.T @ wc
+        with single_thread_upto(small):
+            vals = torch.linalg.eigvalsh(0.5 * (small + small.T))
+    vals = vals.flip(0).clamp_min(0.0).contiguous()
+    return Spectrum(vals, None, float(vals.sum()))
 
 
 def weight_spectrum(weight: Tensor) -> Spectrum:

@@ -24,10 +24,11 @@ from lowrank_cli.methods.decompose.factorize import (
 __all__ = ["Profiler", "Factorize", "layer_spectrum", "swap_in_factors", "factorized_tensors"]
 
 
-def layer_spectrum(weight: torch.Tensor, grams, local: str, method: str, damp: float) -> Spectrum:
+def layer_spectrum(weight: torch.Tensor, grams, local: str, method: str, damp: float,
+                   vectors: bool = True) -> Spectrum:
     if method == "svd" or grams is None:
         return weight_spectrum(weight)
-    return data_spectrum(weight, grams.gram(local), damp)
+    return data_spectrum(weight, grams.gram(local), damp, vectors=vectors)
 
 
 class Profiler(Modifier):
@@ -45,8 +46,9 @@ class Profiler(Modifier):
                 self.tails[t.name] = torch.zeros(min(t.m, t.n) + 1, dtype=torch.float64)
                 self.relative[t.name] = self.tails[t.name]
                 continue
+            # the curve needs the energies only, not the directions (those come when the layer is factorized)
             spec = layer_spectrum(block.get_submodule(t.local).weight.detach(), grams, t.local, self.method,
-                                  self.damp)
+                                  self.damp, vectors=False)
             self.tails[t.name] = spec.tails()
             self.relative[t.name] = self.tails[t.name] / max(spec.total, 1e-300)
         return []
