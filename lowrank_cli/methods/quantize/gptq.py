@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 # QuantizedWeight lives with the grid (round-to-nearest returns one too); re-exported here
-from lowrank_cli.methods.quantize.grid import Grid, QuantizedWeight, dequantize, find_params, quantize
+from lowrank_cli.methods.quantize.grid import Grid, QuantizedWeight, find_params
 from lowrank_cli.utils.threads import single_thread_upto
 
 __all__ = ["QuantizedWeight", "gptq_quantize", "output_error", "output_errors"]
@@ -69,18 +69,20 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        # The column loop runs once per input column of every layer: few, fused, in-place ops (the
+        # arithmetic of quantize/dequantize from grid.py, inlined; a rank-1 update with addr_).
+        diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if col % gs == 0:
                 scale, zero = find_params(W1[:, i:i + gs] if grid.group_size != -1 else W, grid)
                 scales[col // gs], zeros[col // gs] = scale, zero
             w = W1[:, i]
-            d = Hinv1[i, i]
-            q = quantize(w, scale, zero, grid.maxq)
+            q = torch.round(w / scale).add_(zero).clamp_(0, grid.maxq)
             Q[:, col] = q
-            err = (w - dequantize(q, scale, zero)) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            err = Err1[:, i]
+            torch.sub(w, (q - zero).mul_(scale), out=err).div_(diag[i])
+            W1[:, i + 1:].addr_(err, Hinv1[i, i + 1:], alpha=-1)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)

@@ -43,6 +43,13 @@ class QuantizedWeight:
     g_idx: torch.Tensor  # [in] int32: group of each input column
     grid: Grid
 
+    def rows(self, rows: slice) -> QuantizedWeight:
+        """The output rows `rows` (a layer of a row-stacked solve), as a weight of their own."""
+        if rows.start == 0 and rows.stop == self.q.shape[0]:
+            return self
+        return QuantizedWeight(self.q[rows].contiguous(), self.scales[:, rows].contiguous(),
+                               self.zeros[:, rows].contiguous(), self.g_idx, self.grid)
+
     def dequantize(self) -> torch.Tensor:
         """The float64 weight [out, in] this represents."""
         g = self.g_idx.long()
