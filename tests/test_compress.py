@@ -284,3 +284,23 @@ def test_fisher_allocation_matches_decompose(tiny_llama, tmp_path):
     error = compress_job("error")
     assert all(c.sensitivity == 1.0 for c in error.curves)
     assert allocate_ranks(error.curves, 0.6, 8) != allocate_ranks(fisher.curves, 0.6, 8)
+
+
+def test_noise_of_a_larger_increase_is_carried_down_to_the_budget():
+    """The post-pass rule agrees with the up-front one: a +10% candidate's noise is carried to a 5% budget
+    with the measured law (spread ~ increase^0.765) before it is compared; the same noise on a +5%
+    candidate refuses the budget."""
+    from types import SimpleNamespace
+
+    from lowrank_cli.api.compress_job import CompressJob
+    from lowrank_cli.errors import UsageError
+
+    def check(increase):
+        job = SimpleNamespace(budget={"kind": "target_ppl_increase", "value": 0.05},
+                              baseline={"eval_tokens": 5120})
+        CompressJob._check_resolution(job, [{"eval_increase": increase, "eval_increase_se": 0.009}])
+        return job.budget["eval_noise"]
+
+    assert check(0.10) == pytest.approx(3 * 0.009 * 0.5 ** 0.765)  # 1.6% < 2.5%: resolved
+    with pytest.raises(UsageError, match="below what 5120 eval tokens resolve"):
+        check(0.05)  # 2.7% > 2.5%
