@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2 import model_path  # noqa: E402  (beside this script)
+
 CONFIGS = {
     "svd-uniform": dict(method="svd", allocation="uniform", sequential=False),
     "whiten-uniform": dict(method="lord", allocation="uniform", sequential=False),
@@ -33,15 +36,6 @@ CONFIGS = {
     "lord-error": dict(method="lord", allocation="error", sequential=True),
     "lord-fisher": dict(method="lord", allocation="fisher", sequential=True),
 }
-
-
-def model_path(name: str) -> str:
-    if name == "smollm2":
-        sys.path.insert(0, str(HERE))
-        from smollm2 import smollm2_path
-
-        return str(smollm2_path())
-    return name
 
 
 def main() -> None:

@@ -40,18 +40,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2 import model_path  # noqa: E402  (beside this script)
+
 METHODS = ("lora", "lora-pro", "bone", "loldu")
-
-
-def model_path(name: str) -> Path:
-    if name == "smollm2":
-        sys.path.insert(0, str(HERE))
-        from smollm2 import smollm2_path
-
-        return smollm2_path()
-    from lowrank_cli.io.resolve import resolve_model
-
-    return resolve_model(name)
 
 
 class StepTimer:
@@ -84,6 +76,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from lowrank_cli.api.common import load_tokenizer
+    from lowrank_cli.io.resolve import resolve_model
     from lowrank_cli.methods.finetune.registry import get_method
     from lowrank_cli.methods.finetune.spec import AdapterSpec, default
     from lowrank_cli.methods.finetune.targets import module_names, resolve_targets
@@ -91,7 +84,7 @@ def worker(args) -> dict:
     from lowrank_cli.train.data import build_datasets, collate_fn
     from lowrank_cli.train.loop import LoopConfig, train
 
-    path = model_path(args.model)
+    path = resolve_model(model_path(args.model))
     tokenizer = load_tokenizer(path)
     budget = args.steps * args.batch_size * args.seq_len
     data = build_datasets(tokenizer, args.data, max_seq_len=args.seq_len, seed=0, token_budget=budget,

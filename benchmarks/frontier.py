@@ -33,16 +33,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2 import model_path  # noqa: E402  (beside this script)
+
 BUDGETS = (0.01, 0.02, 0.05, 0.10, 0.20)
-
-
-def model_path(name: str) -> str:
-    if name == "smollm2":
-        sys.path.insert(0, str(HERE))
-        from smollm2 import smollm2_path
-
-        return str(smollm2_path())
-    return name
 
 
 def run(args) -> dict:

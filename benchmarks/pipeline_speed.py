@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2 import model_path  # noqa: E402  (beside this script)
+
 COMMON = dict(calib_samples=16, eval_tokens=4096, test_tokens=4096)
 CONFIGS = {
     "reference": ("decompose", dict(params_ratio=0.8, allocation="uniform", sequential=False)),
@@ -47,15 +50,6 @@ CONFIGS = {
     # 5% needs 4,596 eval tokens to stand above the noise (compress refuses fewer)
     "compress": ("compress", dict(target_ppl_increase=0.05, eval_tokens=5120)),
 }
-
-
-def model_path(name: str) -> str:
-    if name == "smollm2":
-        sys.path.insert(0, str(HERE))
-        from smollm2 import smollm2_path
-
-        return str(smollm2_path())
-    return name
 
 
 def _job(kind: str, model: str, overrides: dict, queue) -> None:

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2 import model_path  # noqa: E402  (beside this script)
 
 
 def _grid(bits, sym, group, act_order=False):
@@ -53,15 +55,6 @@ CONFIGS = {
     "lord80+gptq4-asym-g128-ao": dict(method="gptq", decompose=0.8, **_grid(4, False, 128, act_order=True)),
 }
 DEFAULT = [c for c in CONFIGS if not c.startswith("gptqmodel")]
-
-
-def model_path(name: str) -> str:
-    if name == "smollm2":
-        sys.path.insert(0, str(HERE))
-        from smollm2 import smollm2_path
-
-        return str(smollm2_path())
-    return name
 
 
 def run_gptqmodel(src: str, out: Path, cfg: dict, calib) -> None:

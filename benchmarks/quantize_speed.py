@@ -30,19 +30,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2 import model_path  # noqa: E402  (beside this script)
+
 GRID = dict(bits=4, group_size=64, sym=True, act_order=False, damp=0.01)
 TOOLS = ("lowrank", "gptqmodel", "llmcompressor")
-
-
-def model_path(name: str) -> str:
-    if name == "smollm2":
-        sys.path.insert(0, str(HERE))
-        from smollm2 import smollm2_path
-
-        return str(smollm2_path())
-    from lowrank_cli.io.resolve import resolve_model
-
-    return str(resolve_model(name))
 
 
 # -- workers: one tool per fresh process --------------------------------------------------------------------
@@ -162,7 +154,9 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.model, args.out, args.windows)
         return
-    src = model_path(args.model)
+    from lowrank_cli.io.resolve import resolve_model
+
+    src = str(resolve_model(model_path(args.model)))  # a folder every tool can open ('demo' included)
     rows = []
     with tempfile.TemporaryDirectory(prefix="qspeed-") as tmp:
         windows_file = Path(tmp) / "windows.json"

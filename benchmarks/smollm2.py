@@ -54,3 +54,9 @@ def smollm2_path(target: Path = DEFAULT) -> Path:
 
 if __name__ == "__main__":
     print(smollm2_path())
+
+
+def model_path(name: str) -> str:
+    """A benchmark's --model: 'smollm2' is the HF folder built above (once); anything else as given (a
+    folder, 'demo', a hub id)."""
+    return str(smollm2_path()) if name == "smollm2" else name

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from smollm2 import model_path  # noqa: E402  (beside this script)
 
 # TRP settings by name (see the module docstring); the lr and nuclear weight default per optimizer
 SETUPS = {
@@ -43,15 +45,6 @@ SETUPS = {
     "cli": {"optimizer": "sgd", "energy": 0.99, "final_rule": "threshold", "final_threshold": 0.05,
             "final_energy": 0.99},
 }
-
-
-def model_path(name: str) -> str:
-    if name == "smollm2":
-        sys.path.insert(0, str(HERE))
-        from smollm2 import smollm2_path
-
-        return str(smollm2_path())
-    return name
 
 
 def plain_training(model: str, args) -> dict:
