@@ -47,12 +47,7 @@ def worker(folder: str, path: str, seq_len: int, vocab: int) -> dict:
     torch.set_num_threads(1)
     windows = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
     streamed = StreamedModel(Checkpoint(folder))
-    final = streamed.capture(windows, 1)
-    for i in range(streamed.num_blocks):
-        streamed.load_block(i)
-        final = streamed.run_block(i, final)
-        streamed.free_block(i)
-    hidden = next(iter(final))
+    hidden = next(iter(streamed.run_blocks(streamed.capture(windows, 1))))
     with streamed._outer_loaded():
         head = sensitivity._HeadGradient(streamed)
         head.checked, head.by_hand = True, path == "by-hand"

@@ -116,12 +116,7 @@ def test_head_gradient_is_two_matmuls_per_token_in_small_chunks(tmp_path, monkey
     path = _large_vocab_llama(tmp_path / "big-vocab", vocab)
     windows = _windows(vocab, n=2, seq=32)
     streamed = StreamedModel(Checkpoint(path))
-    final = streamed.capture(windows, 2)
-    for i in range(streamed.num_blocks):
-        streamed.load_block(i)
-        final = streamed.run_block(i, final)
-        streamed.free_block(i)
-    hidden_states = next(iter(final))
+    hidden_states = next(iter(streamed.run_blocks(streamed.capture(windows, 2))))
     unit = 2 * windows.numel() * vocab * hidden  # one head matmul over every position
 
     def counted(by_hand: bool):

@@ -10,6 +10,8 @@ then proceeds block by block:
         model.free_block(i)                # back to meta
     nll, n = model.head_nll(acts, windows) # final norm + LM head
 
+(`run_blocks` is that loop when a block needs no work of its own.)
+
 Decoder blocks are called exactly as the model's own forward calls them: the positional and keyword
 arguments of every block (rotary embeddings, masks, position ids) are recorded once by a pass of the real
 forward with each block replaced by a recorder. No per-architecture forward code is needed.
@@ -297,6 +299,19 @@ class StreamedModel:
                     result = result[0]
                 out.append(result)
         return out
+
+    def run_blocks(self, acts: Activations, progress=None) -> Activations:
+        """`acts` through every block, one materialized at a time; each stream is released once the
+        next exists (the final hidden states are returned)."""
+        for i in range(self.num_blocks):
+            self.load_block(i)
+            new = self.run_block(i, acts)
+            self.free_block(i)
+            acts.release()
+            acts = new
+            if progress:
+                progress(i + 1, self.num_blocks)
+        return acts
 
     def head_logits(self, hidden, windows_batch):
         """Logits for one batch from its final hidden states (outer weights must be loaded)."""

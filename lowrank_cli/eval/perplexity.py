@@ -83,15 +83,7 @@ def nll_full(model, windows, batch_size: int = 1, progress=None, *, per_window: 
 def nll_streamed(streamed, windows, batch_size: int = 1, progress=None, *, per_window: bool = False) -> NLL:
     """NLL of a `StreamedModel`, one block materialized at a time (each window's sum too with
     per_window=True)."""
-    acts = streamed.capture(windows, batch_size)
-    for i in range(streamed.num_blocks):
-        streamed.load_block(i)
-        new = streamed.run_block(i, acts)
-        streamed.free_block(i)
-        acts.release()
-        acts = new
-        if progress:
-            progress(i + 1, streamed.num_blocks)
+    acts = streamed.run_blocks(streamed.capture(windows, batch_size), progress)
     if per_window:
         rows = streamed.head_nll_rows(acts, windows, batch_size)
         total, count = math.fsum(rows), int(windows[:, 1:].numel())
