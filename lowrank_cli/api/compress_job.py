@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 from lowrank_cli.api.common import load_tokenizer, solver_windows
 from lowrank_cli.api.compress_result import FRONTIER_JSON, FRONTIER_PNG, CompressResult
-from lowrank_cli.api.options.compress import CompressOptions
+from lowrank_cli.api.options.compress import NOISE_EXPONENT, CompressOptions
 from lowrank_cli.api.solver import SolverJob
 from lowrank_cli.errors import BudgetNotMet, UsageError
 from lowrank_cli.io.output import OutputDir
@@ -25,9 +25,6 @@ RANK_MULTIPLE = 32  # GPTQ packs 32 levels per int32 word along each factor's ra
 # part): the spread of the paired ratio across sets was 3.6x the formula at 4096 tokens, 2.7x at 8192 and
 # 16384. The budget check inflates the formula by this factor.
 WINDOW_CORRELATION = 3.0
-# How the spread of a measured increase grows with the increase (same measurements, options/compress.py):
-# spread ~ increase^0.765, so the noise of a candidate's increase is carried to the budget's size with it.
-NOISE_EXPONENT = 0.765
 
 
 def parse_target_size(text: str, input_bytes: int) -> int:
@@ -207,7 +204,7 @@ class CompressJob(SolverJob):
                                    keep_boundaries=fisher, progress=task.advance)
             task.close()
         nll, _, _ = outcome.only()
-        sens = self._sensitivities(outcome.boundaries) if fisher else {}
+        sens = self.sensitivities(self.windows.calib, outcome.boundaries) if fisher else {}
         if curves:
             self.curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name], sens.get(t.name, 1.0))
                            for t in self.targets]
@@ -217,21 +214,6 @@ class CompressJob(SolverJob):
         return {"eval": nll["eval"].perplexity, "test": nll["test"].perplexity, "bytes": self.input_bytes,
                 "eval_tokens": nll["eval"].tokens, "test_tokens": nll["test"].tokens,
                 "calib_tokens": int(self.windows.calib.numel()), **extra}
-
-    def _sensitivities(self, boundaries) -> dict:
-        """Loss per unit of each layer's output error: one streamed backward pass over the calibration text."""
-        from lowrank_cli.engine.streamed import release_freed_memory
-        from lowrank_cli.methods.decompose.sensitivity import output_sensitivities
-
-        with self.timer("sensitivity"):
-            task = self.progress.task("sensitivity", self.streamed.num_blocks)
-            sens = output_sensitivities(self.streamed, self.windows.calib, boundaries, self.targets,
-                                        self.opts.batch_size, lambda *_: task.advance())
-            task.close()
-        for acts in boundaries:
-            acts.release()
-        release_freed_memory()
-        return sens
 
     def _grid(self, bits: int) -> SimpleNamespace:
         o = self.opts

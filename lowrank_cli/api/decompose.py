@@ -198,10 +198,8 @@ class _Job(SolverJob):
     def _profile(self):
         """Error curves on the original model's Grams, baseline eval/test perplexity, Fisher sensitivities."""
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
-        from lowrank_cli.engine.streamed import release_freed_memory
         from lowrank_cli.methods.decompose.allocate import LayerCurve
         from lowrank_cli.methods.decompose.modifier import Profiler
-        from lowrank_cli.methods.decompose.sensitivity import output_sensitivities
 
         opts = self.opts
         profiler = Profiler(opts.method, opts.damp, curves=opts.allocation != "uniform" and self.kind != "rank",
@@ -213,16 +211,7 @@ class _Job(SolverJob):
                                    keep_boundaries=self.fisher, progress=tick)
             task.close()
         nll, _, _ = outcome.only()
-        sens = {}
-        if self.fisher:
-            with self.timer("sensitivity"):
-                task, tick = self._task("sensitivity")
-                sens = output_sensitivities(self.streamed, self.windows.calib, outcome.boundaries, self.targets,
-                                            opts.batch_size, tick)
-                task.close()
-            for acts in outcome.boundaries:
-                acts.release()
-            release_freed_memory()  # hand the boundaries back to the OS before the compress passes
+        sens = self.sensitivities(self.windows.calib, outcome.boundaries) if self.fisher else {}
         curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name], sens.get(t.name, 1.0)) for t in self.targets]
         return curves, {name: v.perplexity for name, v in nll.items()}, sens
 
@@ -349,7 +338,7 @@ class _Job(SolverJob):
                              "break-even rank is lower), so no kept fraction below 1 exists: lower "
                              "--rank-multiple or change --targets")
         found = search.search_keep_batched(evaluate_many, width=self.opts.search_width,
-                                           rounds=self.opts.search_steps, floor=floor, **self._guess())
+                                           rounds=self.opts.search_steps, floor=floor, **self._guess(floor))
         if found.best is None:
             closest = found.closest
             raise BudgetNotMet(
@@ -360,14 +349,14 @@ class _Job(SolverJob):
                 details={"evaluations": [_public(r) for r in self.evaluations], "baseline": self.baseline["eval"]})
         return best
 
-    def _guess(self) -> dict:
+    def _guess(self, floor: float) -> dict:
         """Where the search starts (the Fisher estimate's prediction of the increase when there is one), and
         the budget its measured increases are interpolated to."""
         from lowrank_cli.methods.decompose import search
 
         if not self.fisher:
             return {"first": 0.8, "budget": self.budget["value"]}
-        tokens, floor = int(self.windows.calib.numel()), self._floor()
+        tokens = int(self.windows.calib.numel())
 
         def predict(keep):
             return _predicted_increase(self.curves, self._ranks(keep), tokens)

@@ -44,3 +44,20 @@ class SolverJob:
             self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
                                           offload_dir=opts.offload_dir)
             self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, patterns)
+
+    def sensitivities(self, calib, boundaries) -> dict:
+        """Each target's loss per unit of output error (Fisher): one streamed backward pass over the
+        calibration windows, replaying the block boundaries a profile pass kept, which are then released
+        (memory handed back to the OS before the next pass)."""
+        from lowrank_cli.engine.streamed import release_freed_memory
+        from lowrank_cli.methods.decompose.sensitivity import output_sensitivities
+
+        with self.timer("sensitivity"):
+            task = self.progress.task("sensitivity", self.streamed.num_blocks)
+            sens = output_sensitivities(self.streamed, calib, boundaries, self.targets, self.opts.batch_size,
+                                        lambda *_: task.advance())
+            task.close()
+        for acts in boundaries:
+            acts.release()
+        release_freed_memory()
+        return sens

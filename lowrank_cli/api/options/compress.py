@@ -25,6 +25,10 @@ ALLOCATIONS = ("fisher", "error", "uniform")
 # below it: N >= 4096 * 0.81 * (b / 0.1)^-0.47 eval tokens (about 9,800 for 1%, 4,600 for 5%).
 
 
+# spread(b) grows as b^(1 - 0.235): what the post-pass check uses to carry a larger increase's noise to b
+NOISE_EXPONENT = 0.765
+
+
 def eval_tokens_needed(budget: float) -> int:
     """Eval tokens that resolve a perplexity budget `budget` (a fraction) at two standard deviations."""
     return int(4096 * 0.81 * (budget / 0.1) ** -0.47) + 1
