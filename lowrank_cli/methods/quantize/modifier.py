@@ -105,13 +105,12 @@ class Quantize(Modifier):
 
     def modify(self, block, group: list[Target], grams) -> list[dict]:
         """The group's layers that read one input (one Gram) are solved together (`quantize_layers`)."""
-        shared: dict[int, list[Target]] = {}
+        shared: dict[int, tuple] = {}  # id(Gram) -> (Gram, the targets that read it)
         for t in group:
             gram = grams.gram(t.local) if grams is not None else None
-            shared.setdefault(id(gram), []).append(t)
+            shared.setdefault(id(gram), (gram, []))[1].append(t)
         reports = []
-        for targets in shared.values():
-            gram = grams.gram(targets[0].local) if grams is not None else None
+        for gram, targets in shared.values():
             modules = [block.get_submodule(t.local) for t in targets]
             if len({(m.weight.shape[1], m.weight.dtype) for m in modules}) > 1:  # cannot stack: one by one
                 for t, module in zip(targets, modules, strict=True):
