@@ -53,7 +53,7 @@ def run(args) -> dict:
                            bits=args.bits, keeps=args.keeps, heal_steps=args.heal_steps,
                            calib_samples=args.calib_samples, eval_tokens=args.eval_tokens,
                            test_tokens=args.test_tokens, calib=args.calib, allocation=args.allocation,
-                           sequential=args.sequential)
+                           sequential=args.sequential, prune=False)  # the whole map, every candidate measured
     opts.validate()
     job = CompressJob(args.model, path, Checkpoint(path), opts, Progress())
     # The frontier is mapped whole and budgets are applied to it afterwards (the table's 1-20% rows), so the

@@ -13,7 +13,8 @@ the other, on the same model, calibration (16 x 512) and eval/test text (4096 + 
     search-1pct-w1  the same with --search-width 1 (bisection, one kept fraction per pass)
     quantize      quantize (GPTQ 4-bit, asymmetric, act-order, g128; baseline and quantized in one pass)
     compress      compress --target-ppl-increase 5% --eval-tokens 5120 (10 candidates; one calibration pass with
-                  Fisher sensitivities, one candidates pass)
+                  Fisher sensitivities, one candidates pass, candidates predicted far over budget pruned mid-pass)
+    compress-no-prune  the same with --no-prune: every candidate built and measured
 With --busy, every configuration runs again beside a second process that keeps both cores busy with
 matrix products (a CI neighbour), to show how much a loaded machine slows each.
 
@@ -49,6 +50,7 @@ CONFIGS = {
     "quantize": ("quantize", dict(calib_samples=16)),
     # 5% needs 4,596 eval tokens to stand above the noise (compress refuses fewer)
     "compress": ("compress", dict(target_ppl_increase=0.05, eval_tokens=5120)),
+    "compress-no-prune": ("compress", dict(target_ppl_increase=0.05, eval_tokens=5120, prune=False)),
 }
 
 
@@ -69,11 +71,14 @@ def _job(kind: str, model: str, overrides: dict, queue) -> None:
                        test_ppl=result.perplexity["test_final"], evaluations=len(result.evaluations),
                        passes=len({e["pass"] for e in result.evaluations}))
         elif kind == "compress":
-            doc.update(chosen=result.chosen["label"], test_ppl=result.chosen["test_perplexity"])
+            doc.update(chosen=result.chosen["label"], test_ppl=result.chosen["test_perplexity"],
+                       candidates=[{k: c.get(k) for k in ("label", "bytes", "eval_increase", "test_increase",
+                                                           "predicted_increase", "pruned", "seconds")}
+                                   for c in result.candidates])
         else:
             doc.update(ppl=result.perplexity["final"], test_ppl=result.perplexity["test_final"])
     except LowrankError as exc:
-        doc = {"ok": False, "error": exc.message}
+        doc = {"ok": False, "error": exc.message, "details": getattr(exc, "details", None)}
     doc.update(seconds=round(time.perf_counter() - start, 1), peak_rss_mib=round(peak_rss_bytes() / 2**20))
     queue.put(doc)
 

@@ -74,6 +74,45 @@ def test_shared_calibration_grams_equal_per_candidate_grams(tiny_llama):
         assert torch.equal(a.tails[t.name], b.tails[t.name])
 
 
+def test_pruned_candidate_stops_and_the_others_are_unchanged(tiny_llama):
+    """A candidate `prune` stops after block 0 has no NLL and no tensors past that block; the candidate beside
+    it gets exactly the NLL of a pass of its own; tracked reports carry the output error energy."""
+    from lowrank_cli.methods.quantize.grid import Grid
+    from lowrank_cli.methods.quantize.modifier import Quantize
+
+    streamed, targets = _streamed(tiny_llama)
+    calib, evalw = _windows(4), {"eval": _windows(2, seed=1)}
+    keep, stop = Candidate("keep", Quantize(Grid(4, 32, False)), track_energy=True), \
+        Candidate("stop", Quantize(Grid(2, 32, False)), track_energy=True)
+    stored = {"keep": [], "stop": []}
+    keep.sink, stop.sink = (lambda n, t: stored["keep"].append(n)), (lambda n, t: stored["stop"].append(n))
+    asked = []
+
+    def prune(cand, i):
+        asked.append((cand.name, i))
+        return cand.name == "stop"
+
+    outcome = run_pipeline(streamed, calib, evalw, targets, [keep, stop], prune=prune)
+    assert outcome.dropped == {"stop": 0} and set(outcome.nll) == {"keep"}
+    assert ("stop", 1) not in asked and ("keep", streamed.num_blocks - 1) in asked
+    assert stored["stop"] and all(n.startswith(streamed.block_prefix(0)) for n in stored["stop"])
+    assert {r["name"] for r in outcome.layers["stop"]} == {t.name for t in targets if t.block == 0}
+    assert all(r["output_energy"] > 0 for r in outcome.layers["keep"])
+    alone = run_pipeline(streamed, calib, evalw, targets, [Candidate("keep", Quantize(Grid(4, 32, False)))])
+    assert alone.nll["keep"]["eval"].total == pytest.approx(outcome.nll["keep"]["eval"].total, rel=1e-6)
+
+
+def test_output_energy_is_the_summed_squared_output_error():
+    from lowrank_cli.engine.sequential import output_energy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    w = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    changed = w + 0.05 * torch.randn(12, 20, generator=g, dtype=torch.float64)
+    naive = float(((x @ w.T - x @ changed.T) ** 2).sum())
+    assert output_energy(w.float(), changed.float(), x.T @ x) == pytest.approx(naive, rel=1e-4)
+
+
 # -- the math ----------------------------------------------------------------------------------------------------
 def test_factor_hessian_is_the_gram_of_the_factor_outputs():
     from lowrank_cli.methods.compress.modifiers import factor_hessian
@@ -101,7 +140,8 @@ def _compress(src, out, *extra):
 @pytest.fixture(scope="module")
 def compressed(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "small"
-    result = _compress(tiny_llama, out, "--target-ppl-increase", "3%", "--bits", "8,4,2", "--keeps", "0.9")
+    result = _compress(tiny_llama, out, "--target-ppl-increase", "3%", "--bits", "8,4,2", "--keeps", "0.9",
+                       "--no-prune")  # every candidate measured (the pruned run is compared with this one)
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -126,6 +166,40 @@ def test_compress_keeps_the_smallest_candidate_within_the_budget(compressed):
 
     own = weight_file_bytes(out) + sum(weight_file_bytes(p) for p in out.iterdir() if p.is_dir())
     assert own == chosen["bytes"]
+
+
+def test_pruning_stops_candidates_over_the_threshold_and_chooses_among_the_rest(compressed, tiny_llama, tmp_path,
+                                                                                monkeypatch):
+    """The random tiny model barely reacts to quantization (2-bit: about +0.1% predicted), so the threshold is
+    lowered to 1% of the budget to make pruning happen: the pruned candidates are exactly those predicted over
+    it, they are listed with their estimate and no folder, and the choice is the smallest candidate of the
+    unpruned run that was not pruned and passed. (Whether predictions track real increases is measured on
+    real models: README, "Pick the smallest model".)"""
+    from lowrank_cli.api import compress_job
+
+    monkeypatch.setattr(compress_job, "PRUNE_FACTOR", 0.01)
+    full_out, _ = compressed
+    out = tmp_path / "pruned"
+    result = _compress(tiny_llama, out, "--target-ppl-increase", "3%", "--bits", "8,4,2", "--keeps", "0.9")
+    assert result.exit_code == 0, result.output
+    measured = {r["label"]: r for r in json.loads((full_out / "frontier.json").read_text())["candidates"]}
+    rows = json.loads((out / "frontier.json").read_text())["candidates"]
+    threshold = 0.01 * 0.03
+    pruned = {r["label"] for r in rows if r["pruned"]}
+    assert pruned == {label for label, r in measured.items() if r["predicted_increase"] > threshold}
+    assert pruned and len(pruned) < len(rows), [(r["label"], r["predicted_increase"]) for r in rows]
+    for r in rows:
+        if r["pruned"]:
+            assert r["eval_perplexity"] is None and not r["passed"]
+            assert threshold < r["predicted_increase"] <= measured[r["label"]]["predicted_increase"] * (1 + 1e-9)
+            assert 0 <= r["pruned"]["after_block"] < r["pruned"]["of_blocks"]
+        else:  # measured exactly as in the unpruned run
+            assert r["eval_perplexity"] == pytest.approx(measured[r["label"]]["eval_perplexity"], rel=1e-9)
+            assert r["predicted_increase"] == pytest.approx(measured[r["label"]]["predicted_increase"], rel=1e-6)
+    expected = min((r for label, r in measured.items() if label not in pruned and r["passed"]),
+                   key=lambda r: r["bytes"])
+    assert json.loads(result.stdout)["chosen"]["label"] == expected["label"]
+    assert not list(out.glob(".candidate-*")) and (out / "frontier.png").exists()
 
 
 def test_compressed_output_reads_back_with_its_reported_test_perplexity(compressed):
@@ -197,7 +271,8 @@ def test_budget_below_the_measurement_noise_exits_2(tiny_llama, tmp_path, monkey
 
     monkeypatch.setattr(compress_options, "eval_tokens_needed", lambda budget: 1)
     out = tmp_path / "out"
-    result = _compress(tiny_llama, out, "--families", "gptq", "--bits", "2", "--target-ppl-increase", "0.0001%")
+    result = _compress(tiny_llama, out, "--families", "gptq", "--bits", "2", "--target-ppl-increase", "0.0001%",
+                       "--no-prune")  # pruned, the candidate would have no measured noise to judge by
     assert result.exit_code == 2, result.output
     assert "eval tokens resolve (paired standard error" in json.loads(result.stdout)["error"]["message"]
     assert not out.exists() and not list(tmp_path.glob(".out*"))

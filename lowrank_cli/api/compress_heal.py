@@ -24,7 +24,7 @@ MAX_HEALED = 3
 
 def _to_heal(chosen: dict, records: list[dict]) -> list[dict]:
     smaller = sorted((r for r in records if r["bytes"] < chosen["bytes"] and not r["passed"]
-                      and r["family"] != "gptq-lr"), key=lambda r: -r["bytes"])
+                      and r["family"] != "gptq-lr" and not r.get("pruned")), key=lambda r: -r["bytes"])
     picked = [chosen] if chosen["family"] != "gptq-lr" else []
     return (picked + smaller)[:MAX_HEALED]
 

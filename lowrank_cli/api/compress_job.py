@@ -25,6 +25,11 @@ RANK_MULTIPLE = 32  # GPTQ packs 32 levels per int32 word along each factor's ra
 # part): the spread of the paired ratio across sets was 3.6x the formula at 4096 tokens, 2.7x at 8192 and
 # 16384. The budget check inflates the formula by this factor.
 WINDOW_CORRELATION = 3.0
+# Pruning (--prune): a candidate stops once the second-order estimate of its perplexity increase, summed over
+# the blocks done so far (each layer's output error energy x its Fisher sensitivity, as decompose predicts a
+# keep), exceeds this multiple of the budget. The running sum only grows, so it stops the candidates that are
+# clearly out early. Measured: see PRUNE_MEASURED below.
+PRUNE_FACTOR = 4.0
 
 
 def parse_target_size(text: str, input_bytes: int) -> int:
@@ -74,6 +79,8 @@ class CompressJob(SolverJob):
         else:
             self.budget["value"] = opts.target_ppl_increase if opts.target_ppl_increase is not None else 0.01
         self.curves = None
+        self.sens: dict = {}
+        self.pruning = opts.prune and kind == "target_ppl_increase"
         # name -> [n, seq] windows: further texts every candidate is measured on and reported with (never
         # read by the choice); benchmarks/frontier.py adds English prose beside the default code
         self.extra_tests: dict = {}
@@ -142,13 +149,15 @@ class CompressJob(SolverJob):
                 "bytes": spec.bytes, "bits_per_weight": spec.bytes * 8 / self.params}
 
     def _cost(self, n: int) -> dict:
-        """Token-forwards of the two passes, and their multiple of one profile pass."""
+        """Token-forwards of the two passes, and their multiple of one profile pass (an upper bound with
+        --prune: a pruned candidate stops early)."""
         o = self.opts
         calib = o.calib_samples * o.calib_seq_len
         profile = calib + o.eval_tokens + o.test_tokens
         calib_share = calib * n if o.sequential else calib
         # Fisher sensitivities: one forward and one backward over the calibration text (a backward ~ 2 forwards)
-        fisher = 3 * calib if o.allocation == "fisher" and any(s.keep is not None for s in self.specs) else 0
+        fisher = 3 * calib if (o.allocation == "fisher" and any(s.keep is not None for s in self.specs)
+                               or self.pruning) else 0
         total = profile + fisher + calib_share + n * (o.eval_tokens + o.test_tokens)
         return {"token_forwards": total, "vs_one_pass": total / profile, "candidates": n}
 
@@ -195,7 +204,8 @@ class CompressJob(SolverJob):
         from lowrank_cli.methods.decompose.modifier import Profiler
 
         curves = any(s.keep is not None for s in self.specs) and self.opts.allocation != "uniform"
-        fisher = curves and self.opts.allocation == "fisher"
+        # the sensitivities also price every candidate's error (the predictions behind --prune)
+        fisher = (curves and self.opts.allocation == "fisher") or self.pruning
         profiler = Profiler("lord", self.opts.damp, curves=curves)
         with self.timer("profile"):
             task = self.progress.task("profile", self.streamed.num_blocks)
@@ -205,8 +215,10 @@ class CompressJob(SolverJob):
             task.close()
         nll, _, _ = outcome.only()
         sens = self.sensitivities(self.windows.calib, outcome.boundaries) if fisher else {}
+        self.sens = sens
         if curves:
-            self.curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name], sens.get(t.name, 1.0))
+            weight = sens if self.opts.allocation == "fisher" else {}  # "error": every layer's error alike
+            self.curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name], weight.get(t.name, 1.0))
                            for t in self.targets]
         log.info("baseline perplexity: eval %.4f, test %.4f", nll["eval"].perplexity, nll["test"].perplexity)
         self.base_rows = {name: v.per_window for name, v in nll.items()}
@@ -250,22 +262,58 @@ class CompressJob(SolverJob):
             folder = tmp / f".candidate-{spec.label}"
             folder.mkdir()
             writer = ShardWriter(folder, parse_size(self.opts.max_shard_size))
-            runs.append((spec, folder, writer, Candidate(spec.label, self._modifier(spec), _float16_sink(writer))))
+            runs.append((spec, folder, writer, Candidate(spec.label, self._modifier(spec), _float16_sink(writer),
+                                                         track_energy=bool(self.sens))))
         log.info("%d candidates: %s", len(runs), ", ".join(s.label for s in specs))
         with self.timer("candidates"):
             task = self.progress.task(f"{len(runs)} candidates", self.streamed.num_blocks)
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
                                    [r[3] for r in runs], sequential=self.opts.sequential,
-                                   batch_size=self.opts.batch_size, progress=task.advance)
+                                   batch_size=self.opts.batch_size, progress=task.advance,
+                                   prune=self._prune if self.pruning else None)
             task.close()
         records = []
         with self.timer("write"):
             for spec, folder, writer, cand in runs:
+                predicted = self._predicted_increase(outcome.layers[cand.name])
+                if cand.name in outcome.dropped:
+                    shutil.rmtree(folder)
+                    records.append(self._pruned_record(spec, outcome.dropped[cand.name], predicted,
+                                                       outcome.seconds[cand.name]))
+                    continue
                 copy_outer_tensors(self.ckpt, self.streamed.blocks_name, cand.sink)
                 writer.close()
                 self._complete(spec, folder, cand.modifier, outcome.layers[cand.name])
-                records.append(self._record(spec, folder, outcome.nll[cand.name], outcome.seconds[cand.name]))
+                record = self._record(spec, folder, outcome.nll[cand.name], outcome.seconds[cand.name])
+                record["predicted_increase"] = predicted
+                records.append(record)
         return records
+
+    # -- predictions and pruning -----------------------------------------------------------------------------
+    def _predicted_increase(self, layers: list[dict]) -> float | None:
+        """Second-order estimate of the eval perplexity increase from the layers changed so far:
+        exp(sum 1/2 s_l E_l / T) - 1, with E_l the layer's output error energy over the T calibration tokens
+        and s_l its Fisher sensitivity (the estimate decompose prices ranks with). None without sensitivities."""
+        if not self.sens:
+            return None
+        loss = sum(0.5 * self.sens.get(r["name"], 0.0) * r["output_energy"] for r in layers if "output_energy" in r)
+        return math.expm1(min(loss / max(int(self.windows.calib.numel()), 1), 50.0))
+
+    def _prune(self, cand, block: int) -> bool:
+        predicted = self._predicted_increase(cand.layers)
+        return predicted is not None and predicted > PRUNE_FACTOR * self.budget["value"]
+
+    def _pruned_record(self, spec: Spec, block: int, predicted: float, seconds: float) -> dict:
+        """A candidate --prune stopped: no folder, no perplexity; its estimate so far (a running sum that only
+        grows, so a lower estimate of the whole model's) and where it stopped."""
+        row = self._spec_row(spec)
+        row.update(predicted_bytes=spec.bytes, seconds=round(seconds, 2), healed=False, eval_perplexity=None,
+                   test_perplexity=None, predicted_increase=predicted,
+                   pruned={"after_block": block, "of_blocks": self.streamed.num_blocks,
+                           "threshold": PRUNE_FACTOR * self.budget["value"]})
+        log.info("%-28s %8.2f MiB  pruned after block %d: predicted %+.1f%%", row["label"], spec.bytes / 2**20,
+                 block, predicted * 100)
+        return row
 
     def _complete(self, spec: Spec, folder: Path, modifier, layers: list[dict]) -> None:
         """config.json (+ modeling file, + correction adapter), side files, verification."""
@@ -294,7 +342,7 @@ class CompressJob(SolverJob):
 
     def _record(self, spec: Spec, folder: Path, nll: dict, seconds: float) -> dict:
         row = self._spec_row(spec)
-        row.update(predicted_bytes=spec.bytes, seconds=round(seconds, 2), healed=False)
+        row.update(predicted_bytes=spec.bytes, seconds=round(seconds, 2), healed=False, pruned=None)
         return self._measured(row, folder, nll)
 
     def _measured(self, row: dict, folder: Path, nll: dict) -> dict:
@@ -321,6 +369,8 @@ class CompressJob(SolverJob):
 
     # -- choice and output -----------------------------------------------------------------------------------
     def _passes(self, row: dict) -> bool:
+        if row.get("pruned"):
+            return False
         if self.budget["kind"] == "target_size":
             return row["bytes"] <= self.budget["limit_bytes"] and math.isfinite(row["eval_perplexity"])
         limit = self.baseline["eval"] * (1 + self.budget["value"])
@@ -339,9 +389,9 @@ class CompressJob(SolverJob):
         if self.budget["kind"] != "target_ppl_increase":
             return
         budget = self.budget["value"]
-        near = [r for r in records if budget / 3 <= r["eval_increase"] <= 3 * budget
-                and math.isfinite(r["eval_increase_se"])]
-        pool = near or [r for r in records if math.isfinite(r["eval_increase_se"])]
+        measured = [r for r in records if not r.get("pruned") and math.isfinite(r["eval_increase_se"])]
+        near = [r for r in measured if budget / 3 <= r["eval_increase"] <= 3 * budget]
+        pool = near or measured
         if not pool:
             return
         noise = WINDOW_CORRELATION * statistics.median(
@@ -362,9 +412,13 @@ class CompressJob(SolverJob):
         else:
             best = min(passed, key=lambda r: (r["bytes"], r["eval_perplexity"]), default=None)
         if best is None:
-            closest = sorted(records, key=lambda r: r["eval_perplexity"])[:3]
+            closest = sorted((r for r in records if not r.get("pruned")), key=lambda r: r["eval_perplexity"])[:3]
             listed = "; ".join(f"{r['label']} {r['bytes'] / 2**20:.1f} MiB eval {r['eval_perplexity']:.4f} "
                                f"({r['eval_increase'] * 100:+.2f}%)" for r in closest)
+            if not closest:  # every candidate pruned
+                listed = "every candidate pruned, least predicted: " + "; ".join(
+                    f"{r['label']} {r['predicted_increase'] * 100:+.1f}%"
+                    for r in sorted(records, key=lambda r: r["predicted_increase"])[:3])
             limit = f"+{self.budget['value'] * 100:.3g}%" if "limit_bytes" not in self.budget else \
                 f"{self.budget['limit_bytes'] / 2**20:.1f} MiB"
             raise BudgetNotMet(f"no candidate met {limit} (baseline eval {self.baseline['eval']:.4f}); closest: "
@@ -394,7 +448,9 @@ class CompressJob(SolverJob):
 
         rows = sorted((_public(r) for r in records), key=lambda r: r["bytes"])
         public = _public(chosen)
-        front = pareto_indices([{**r, "test_ppl": r["test_perplexity"]} for r in rows])
+        measured = [i for i, r in enumerate(rows) if not r.get("pruned")]
+        front = [measured[i] for i in pareto_indices([{**rows[i], "test_ppl": rows[i]["test_perplexity"]}
+                                                      for i in measured])]
         doc = {"schema": "lowrank.frontier/v1", "model": self.model, "budget": self.budget,
                "baseline": self.baseline, "chosen": public["label"], "candidates": rows,
                "pareto_test": [rows[i]["label"] for i in front],

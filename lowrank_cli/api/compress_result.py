@@ -37,7 +37,8 @@ class CompressResult(Result):
                           f"({c['bytes'] / self.baseline['bytes']:.3f})"),
                  ("perplexity (eval)", f"{self.baseline['eval']:.4f} -> {c['eval_perplexity']:.4f}"),
                  ("perplexity (test)", f"{self.baseline['test']:.4f} -> {c['test_perplexity']:.4f}"),
-                 ("candidates", f"{len(self.candidates)} ({sum(x['passed'] for x in self.candidates)} passed)"),
+                 ("candidates", f"{len(self.candidates)} ({sum(x['passed'] for x in self.candidates)} passed, "
+                                f"{sum(bool(x.get('pruned')) for x in self.candidates)} pruned)"),
                  ("time", f"{sum(self.timings_s.values()):.1f} s")]
         return rows
 

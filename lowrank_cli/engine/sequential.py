@@ -20,6 +20,9 @@ layer will really see; it does not by itself undo upstream error (no target is a
 carries the calibration stream on.
 
 Several candidates share one read of the model: `compress` runs its whole candidate list in one pass.
+A candidate with `track_energy` gets each changed layer's output error energy tr(dW G dW^T) on the Gram it
+was solved with in its report (what a second-order loss estimate needs); a `prune(candidate, i)` callback may
+stop a candidate after block i (its streams are dropped and it has no NLL: `PipelineOutcome.dropped`).
 No file is touched here: tensors go to each candidate's `sink(name, tensor)`.
 """
 
@@ -37,7 +40,7 @@ from lowrank_cli.engine.calibration import InputGrams, run_stored
 from lowrank_cli.engine.targets import Target, by_block
 from lowrank_cli.eval.perplexity import NLL
 
-__all__ = ["Modifier", "Unchanged", "Candidate", "PipelineOutcome", "run_pipeline"]
+__all__ = ["Modifier", "Unchanged", "Candidate", "PipelineOutcome", "run_pipeline", "output_energy"]
 
 log = logging.getLogger("lowrank")
 
@@ -86,6 +89,8 @@ class Candidate:
     seconds: float = 0.0
     calib: Activations | None = None
     evals: dict[str, Activations] = field(default_factory=dict)
+    track_energy: bool = False  # add "output_energy" (tr(dW G dW^T), calibration tokens summed) to reports
+    dropped_at: int | None = None  # the block after which `prune` stopped it
 
 
 @dataclass
@@ -94,6 +99,7 @@ class PipelineOutcome:
     layers: dict[str, list[dict]]  # candidate -> per-layer reports
     seconds: dict[str, float]  # candidate -> seconds spent on its blocks (shared reads not counted)
     boundaries: list[Activations] | None = None  # calibration states entering blocks 0..L (keep_boundaries)
+    dropped: dict[str, int] = field(default_factory=dict)  # pruned candidate -> the block it stopped after
 
     def only(self):
         """(NLL per evaluation set, layer reports, seconds) of a single-candidate run."""
@@ -106,12 +112,12 @@ def _apply(block, i: int, cand: Candidate, mine: list[Target], shared: InputGram
     when the calibration stream is shared: `shared` then holds the original block's Grams)."""
     mod, acts = cand.modifier, cand.calib
     if mine and not mod.needs_data:
-        cand.layers += mod.modify(block, mine, None)
+        cand.layers += _modify(block, cand, mine, None)
     if not mine or not mod.needs_data or shared is not None:
         if mine and mod.needs_data:
             by_local = {t.local: t for t in mine}
             for group in shared.groups():
-                cand.layers += mod.modify(block, [by_local[g] for g in group], shared)
+                cand.layers += _modify(block, cand, [by_local[g] for g in group], shared)
         return run_stored(block, acts, i, keep=True) if acts is not None else None
     # Learn the input groups and their forward order from one batch, then measure each group's Gram
     # with every layer before it already changed; the forward halts once the group has its input.
@@ -121,9 +127,31 @@ def _apply(block, i: int, cand: Candidate, mine: list[Target], shared: InputGram
     for group in probe.groups():
         with InputGrams(block, group, halt=True, product_dtype=mod.product_dtype) as grams:
             run_stored(block, acts, i, keep=False)
-        cand.layers += mod.modify(block, [by_local[g] for g in group], grams)
+        cand.layers += _modify(block, cand, [by_local[g] for g in group], grams)
         del grams
     return run_stored(block, acts, i, keep=True)
+
+
+def _modify(block, cand: Candidate, group: list[Target], grams) -> list[dict]:
+    """modifier.modify, plus each changed layer's output error energy when the candidate tracks it."""
+    if not cand.track_energy or grams is None:
+        return cand.modifier.modify(block, group, grams)
+    before = {t.name: block.get_submodule(t.local).weight.detach().clone() for t in group}
+    reports = cand.modifier.modify(block, group, grams)
+    local = {t.name: t.local for t in group}
+    for report in reports:
+        name = report.get("name")
+        if name in before:
+            after = block.get_submodule(local[name]).weight  # dense product for factors (one matmul)
+            report["output_energy"] = output_energy(before[name], after.detach(), grams.gram(local[name]))
+    return reports
+
+
+def output_energy(weight: torch.Tensor, changed: torch.Tensor, gram: torch.Tensor) -> float:
+    """tr(D G D^T) with D = weight - changed: the summed squared output error over the Gram's tokens.
+    A report for a prediction, not part of a solve: float32 products are plenty."""
+    d = (weight.double() - changed.double()).float()
+    return float(((d @ gram.to(device=d.device, dtype=torch.float32)) * d).sum())
 
 
 def _snapshot(block) -> dict[str, torch.Tensor]:
@@ -157,15 +185,19 @@ def _shared_grams(block, i: int, acts: Activations, mine: list[Target], product_
 
 def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: list[Target],
                  candidates: list[Candidate], *, sequential: bool = True, batch_size: int = 1,
-                 keep_boundaries: bool = False, progress=None) -> PipelineOutcome:
+                 keep_boundaries: bool = False, progress=None,
+                 prune: Callable[[Candidate, int], bool] | None = None) -> PipelineOutcome:
     """Run every candidate over the model in one streamed pass; see the module docstring.
 
     `calib`: [n, seq] calibration token windows; `evalsets`: name -> [n, seq] windows whose NLL each
     candidate reports. With `sequential=False` one calibration stream through the original blocks serves
     every candidate (its Grams are measured once per block). `keep_boundaries` keeps a calibration stream
     at every block boundary (the shared one, else the first candidate's; the Fisher sensitivity pass
-    replays them). The streamed model is left as it was found.
+    replays them). `prune(candidate, i)`, asked after each block, stops a candidate for good when it answers
+    True (see the module docstring). The streamed model is left as it was found.
     """
+    if prune is not None and keep_boundaries:
+        raise ValueError("keep_boundaries follows the first candidate, which prune could stop")
     needs_data = any(c.modifier.needs_data for c in candidates)
     capture_c = needs_data or keep_boundaries
     captured_c = streamed.capture(calib, batch_size) if capture_c else None
@@ -188,11 +220,14 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
         grams = None
         if shared_c is not None:
             grams, new_shared = _shared_grams(block, i, shared_c, mine if needs_data else [], product_dtype)
-        original = _snapshot(block) if len(candidates) > 1 else None
-        for k, cand in enumerate(candidates):
+        live = [c for c in candidates if c.dropped_at is None]
+        original = _snapshot(block) if len(live) > 1 else None
+        for k, cand in enumerate(live):
             if k:
                 block.load_state_dict(original)
             _step(streamed, block, i, cand, mine, grams)
+            if prune is not None and prune(cand, i):
+                _drop(cand, i)
         del grams
         if shared_c is not None:
             shared_c.release()
@@ -204,7 +239,7 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
         if progress:
             progress()
     nll = {}
-    for cand in candidates:
+    for cand in (c for c in candidates if c.dropped_at is None):
         nll[cand.name] = {name: _nll(streamed.head_nll_rows(acts, evalsets[name], batch_size), evalsets[name])
                           for name, acts in cand.evals.items()}
         for acts in [*cand.evals.values(), cand.calib]:
@@ -214,7 +249,18 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
         if acts is not None:
             acts.release()
     return PipelineOutcome(nll, {c.name: c.layers for c in candidates},
-                           {c.name: round(c.seconds, 3) for c in candidates}, boundaries)
+                           {c.name: round(c.seconds, 3) for c in candidates}, boundaries,
+                           {c.name: c.dropped_at for c in candidates if c.dropped_at is not None})
+
+
+def _drop(cand: Candidate, i: int) -> None:
+    """Stop a pruned candidate: its streams go, its reports so far stay."""
+    cand.dropped_at = i
+    for acts in [*cand.evals.values(), cand.calib]:
+        if acts is not None:
+            acts.release()
+    cand.evals, cand.calib = {}, None
+    log.info("%s pruned after block %d", cand.name, i)
 
 
 def _nll(rows: list[float], windows) -> NLL:

@@ -13,8 +13,9 @@ def write_frontier(json_path: Path, png_path: Path, doc: dict) -> None:
     from lowrank_cli.utils.frontier_plot import write_frontier_png
 
     Path(json_path).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    # pruned candidates (compress --prune) have a prediction, no measured perplexity: the JSON lists them
     points = [{**r, "family": r["family"] + (" + heal" if r.get("healed") else ""), "test_ppl": r["test_perplexity"]}
-              for r in doc["candidates"]]
+              for r in doc["candidates"] if not r.get("pruned")]
     budget = doc["budget"]
     budget_ppl = None
     if budget["kind"] == "target_ppl_increase":

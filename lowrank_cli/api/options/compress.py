@@ -76,6 +76,10 @@ class CompressOptions:
     # each candidate calibrated on its own changed upstream: one calibration stream per candidate (slower)
     sequential: bool = option(False, negatable=True, panel=SEARCH, help="Calibrate each candidate on its own "
                               "compressed upstream (slower). Default: every candidate from the input's Grams.")
+    # see PRUNE_FACTOR in api/compress_job.py for the measurement behind the threshold
+    prune: bool = option(True, negatable=True, panel=SEARCH, help="Stop a candidate mid-pass once the predicted "
+                         "perplexity increase of its blocks so far (output error weighed by Fisher sensitivity) is "
+                         "far over the budget; --no-prune measures every candidate (the full frontier map).")
     heal_steps: int = option(0, panel=SEARCH, help="LoRA healing steps on the chosen candidate and smaller near "
                              "misses (0: none); measured like every candidate.")
     # as quantize: GPTQ decides most candidates, and code calibration measured best for it (see quantize)
