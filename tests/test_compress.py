@@ -122,6 +122,12 @@ def test_compress_keeps_the_smallest_candidate_within_the_budget(compressed):
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "lowrank.json").read_text())
     assert manifest["command"] == "compress" and not list(out.glob(".candidate-*"))
+    from lowrank_cli.engine.precision import fast_bfloat16
+
+    # the default --sensitivity-dtype auto: bfloat16 where this CPU multiplies it fast, recorded either way
+    assert manifest["precision"] == doc["precision"] == {
+        "compute": "float32", "profile_gram_products": "float32",
+        "sensitivity": "bfloat16" if fast_bfloat16("cpu") else "float32"}
     from lowrank_cli.io.finish import weight_file_bytes
 
     own = weight_file_bytes(out) + sum(weight_file_bytes(p) for p in out.iterdir() if p.is_dir())
@@ -147,6 +153,7 @@ def test_compressed_output_reads_back_with_its_reported_test_perplexity(compress
     (["--bits", "5"], "--bits 5 is not supported"),
     (["--keeps", "1.5"], "--keeps 1.5 must be a fraction"),
     (["--target-size", "lots"], "--target-size 'lots'"),
+    (["--sensitivity-dtype", "half"], "unknown --sensitivity-dtype 'half' (choose auto, float32, bfloat16)"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tiny_llama, tmp_path, args, message):
     out = tmp_path / "out"
