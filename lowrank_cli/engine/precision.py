@@ -13,7 +13,7 @@ torch is imported inside the functions: the option's choices are read by `--help
 
 from __future__ import annotations
 
-__all__ = ["STEERING_CHOICES", "fast_bfloat16", "steering_dtype", "dtype_name"]
+__all__ = ["STEERING_CHOICES", "fast_bfloat16", "steering_dtype", "autocast", "dtype_name"]
 
 STEERING_CHOICES = ("auto", "float32", "bfloat16")
 
@@ -53,6 +53,17 @@ def steering_dtype(choice: str, device: str, compute_dtype):
     if compute_dtype == torch.float32 and fast_bfloat16(device):
         return torch.bfloat16
     return None
+
+
+def autocast(device, dtype):
+    """torch.autocast on `device`'s type in `dtype`; a no-op context for None."""
+    import contextlib
+
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def dtype_name(dtype) -> str:

@@ -34,6 +34,7 @@ import torch
 
 from lowrank_cli.engine.activations import Activations
 from lowrank_cli.engine.calibration import InputGrams, run_stored
+from lowrank_cli.engine.precision import autocast
 from lowrank_cli.engine.targets import Target, by_block
 from lowrank_cli.eval.perplexity import NLL
 
@@ -157,14 +158,17 @@ def _shared_grams(block, i: int, acts: Activations, mine: list[Target], product_
 
 def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: list[Target],
                  candidates: list[Candidate], *, sequential: bool = True, batch_size: int = 1,
-                 keep_boundaries: bool = False, progress=None) -> PipelineOutcome:
+                 keep_boundaries: bool = False, progress=None, calib_autocast: torch.dtype | None = None
+                 ) -> PipelineOutcome:
     """Run every candidate over the model in one streamed pass; see the module docstring.
 
     `calib`: [n, seq] calibration token windows; `evalsets`: name -> [n, seq] windows whose NLL each
     candidate reports. With `sequential=False` one calibration stream through the original blocks serves
     every candidate (its Grams are measured once per block). `keep_boundaries` keeps a calibration stream
     at every block boundary (the shared one, else the first candidate's; the Fisher sensitivity pass
-    replays them). The streamed model is left as it was found.
+    replays them). The streamed model is left as it was found. `calib_autocast`: run the shared calibration
+    forward (`sequential=False` only) under torch.autocast in this dtype, for passes whose Grams and
+    boundaries only steer (the profile); the evaluation streams always run in the compute dtype.
     """
     needs_data = any(c.modifier.needs_data for c in candidates)
     capture_c = needs_data or keep_boundaries
@@ -187,7 +191,8 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
         mine = targets_of.get(i, [])
         grams = None
         if shared_c is not None:
-            grams, new_shared = _shared_grams(block, i, shared_c, mine if needs_data else [], product_dtype)
+            with autocast(streamed.device, calib_autocast):
+                grams, new_shared = _shared_grams(block, i, shared_c, mine if needs_data else [], product_dtype)
         original = _snapshot(block) if len(candidates) > 1 else None
         for k, cand in enumerate(candidates):
             if k:

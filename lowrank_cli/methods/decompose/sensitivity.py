@@ -36,12 +36,12 @@ and the sums stay float32). The check against the model's own logits always runs
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
 from lowrank_cli.engine.activations import Activations
+from lowrank_cli.engine.precision import autocast as steering_autocast
 from lowrank_cli.methods.decompose.targets import Target
 
 __all__ = ["output_sensitivities"]
@@ -77,7 +77,7 @@ def output_sensitivities(streamed, calib, boundaries: list[Activations], targets
         for b, x in enumerate(inputs):
             args, kwargs = inputs.calls[i][b]
             x = x.detach().requires_grad_(True)
-            with torch.enable_grad(), _autocast(streamed.device, autocast):
+            with torch.enable_grad(), steering_autocast(streamed.device, autocast):
                 out = block(x, *args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
                 (gx,) = torch.autograd.grad(out, x, grad_outputs=grads[b].to(out.dtype))
@@ -89,12 +89,6 @@ def output_sensitivities(streamed, calib, boundaries: list[Activations], targets
         if progress:
             progress()
     return {t.name: sq[t.name] / max(tokens, 1) / t.m for t in targets}
-
-
-def _autocast(device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 CHUNK_LOGITS = 1 << 22  # logits held at once (16 MB in float32): tokens per chunk = this / vocabulary
