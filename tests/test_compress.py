@@ -74,6 +74,25 @@ def test_shared_calibration_grams_equal_per_candidate_grams(tiny_llama):
         assert torch.equal(a.tails[t.name], b.tails[t.name])
 
 
+def test_calib_autocast_touches_the_calibration_stream_only(tiny_llama):
+    """The shared calibration forward under bfloat16 autocast: the profile's curves move by rounding only
+    (the first rank's tail within a few %), the evaluation streams are not touched (same NLL to the bit)."""
+    from lowrank_cli.methods.decompose.modifier import Profiler
+
+    streamed, targets = _streamed(tiny_llama)
+    calib, evalw = _windows(4), {"eval": _windows(2, seed=1)}
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        profiler = Profiler("lord", 0.01)
+        outcome = run_pipeline(streamed, calib, evalw, targets, [Candidate("p", profiler)], sequential=False,
+                               calib_autocast=dtype)
+        runs[dtype] = profiler.tails, outcome.only()[0]["eval"]
+    (tails, nll), (low_tails, low_nll) = runs[None], runs[torch.bfloat16]
+    assert low_nll.total == nll.total and low_nll.per_window == nll.per_window
+    moved = [float(low_tails[t.name][1] / tails[t.name][1] - 1) for t in targets]
+    assert all(abs(m) < 0.05 for m in moved) and any(m != 0 for m in moved), moved
+
+
 # -- the math ----------------------------------------------------------------------------------------------------
 def test_factor_hessian_is_the_gram_of_the_factor_outputs():
     from lowrank_cli.methods.compress.modifiers import factor_hessian
