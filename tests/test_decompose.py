@@ -98,6 +98,19 @@ def test_dry_run_writes_nothing(tiny_bigcode, tmp_path):
     assert doc["memory"]["total"] > 0
 
 
+def test_dry_run_counts_the_fisher_pass_head_copy(tiny_bigcode):
+    """A bfloat16 Fisher pass over float32 weights holds a bfloat16 copy of the head: the plan counts it."""
+    plans = {}
+    for dtype in ("float32", "bfloat16"):
+        code, doc, _ = decompose(str(tiny_bigcode), "--params-ratio", "0.5", "--dry-run", "--seq-len", "64",
+                                 "--sensitivity-dtype", dtype)
+        assert code == 0
+        plans[dtype] = doc["memory"]
+    assert plans["float32"]["fisher_head_copy"] == 0
+    assert plans["bfloat16"]["fisher_head_copy"] == 512 * 64 * 2  # vocabulary x hidden x 2 bytes
+    assert plans["bfloat16"]["total"] - plans["float32"]["total"] in (0, 512 * 64 * 2)  # unless another phase peaks
+
+
 def test_dry_run_plans_for_a_device_this_machine_lacks(tiny_bigcode, monkeypatch):
     """A GPU run can be sized from a laptop: the plan uses the device's compute dtype (bfloat16)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -135,17 +135,20 @@ class _Job(SolverJob):
     def _memory(self) -> dict:
         import torch
 
+        from lowrank_cli.engine.precision import steering_dtype
         from lowrank_cli.methods.decompose.plan import estimate_output_bytes, estimate_peak_bytes
 
         opts, cfg = self.opts, self.streamed.model.config
         compute = torch.finfo(self.dtype).bits // 8
+        steer = steering_dtype(opts.sensitivity_dtype, opts.device, self.dtype) if self.fisher else None
         memory = estimate_peak_bytes(
             self.ckpt, self.streamed.blocks_name, self.streamed.num_blocks, self.targets, hidden=cfg.hidden_size,
             vocab=cfg.vocab_size, compute_bytes=compute, calib_tokens=opts.calib_samples * opts.calib_seq_len,
             eval_tokens=opts.eval_tokens + opts.test_tokens, seq_len=opts.calib_seq_len,
             batch_size=opts.batch_size, fisher=self.fisher,
             candidates=opts.search_width if self.kind == "target_ppl_increase" else 1,
-            own_calib=opts.sequential and opts.method != "svd")
+            own_calib=opts.sequential and opts.method != "svd",
+            head_copy_bytes=torch.finfo(steer).bits // 8 if steer not in (None, self.dtype) else 0)
         memory["device"] = opts.device
         memory["compute_dtype"] = str(self.dtype).replace("torch.", "")
         memory["output"] = estimate_output_bytes(self.ckpt, self.targets, keep=opts.params_ratio, rank=opts.rank,
