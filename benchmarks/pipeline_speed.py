@@ -65,7 +65,7 @@ def _job(kind: str, model: str, overrides: dict, queue) -> None:
     start = time.perf_counter()
     try:
         result = job.run(model, opts)
-        doc = {"ok": True, "timings_s": result.timings_s}
+        doc = {"ok": True, "timings_s": result.timings_s, "precision": getattr(result, "precision", None)}
         if kind == "decompose":
             doc.update(kept=result.params["targeted_ratio"], ppl=result.perplexity["final"],
                        test_ppl=result.perplexity["test_final"], evaluations=len(result.evaluations),

@@ -113,6 +113,25 @@ def test_output_energy_is_the_summed_squared_output_error():
     assert output_energy(w.float(), changed.float(), x.T @ x) == pytest.approx(naive, rel=1e-4)
 
 
+def test_calib_autocast_touches_the_calibration_stream_only(tiny_llama):
+    """The shared calibration forward under bfloat16 autocast: the profile's curves move by rounding only
+    (the first rank's tail within a few %), the evaluation streams are not touched (same NLL to the bit)."""
+    from lowrank_cli.methods.decompose.modifier import Profiler
+
+    streamed, targets = _streamed(tiny_llama)
+    calib, evalw = _windows(4), {"eval": _windows(2, seed=1)}
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        profiler = Profiler("lord", 0.01)
+        outcome = run_pipeline(streamed, calib, evalw, targets, [Candidate("p", profiler)], sequential=False,
+                               calib_autocast=dtype)
+        runs[dtype] = profiler.tails, outcome.only()[0]["eval"]
+    (tails, nll), (low_tails, low_nll) = runs[None], runs[torch.bfloat16]
+    assert low_nll.total == nll.total and low_nll.per_window == nll.per_window
+    moved = [float(low_tails[t.name][1] / tails[t.name][1] - 1) for t in targets]
+    assert all(abs(m) < 0.05 for m in moved) and any(m != 0 for m in moved), moved
+
+
 # -- the math ----------------------------------------------------------------------------------------------------
 def test_factor_hessian_is_the_gram_of_the_factor_outputs():
     from lowrank_cli.methods.compress.modifiers import factor_hessian
@@ -162,6 +181,12 @@ def test_compress_keeps_the_smallest_candidate_within_the_budget(compressed):
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "lowrank.json").read_text())
     assert manifest["command"] == "compress" and not list(out.glob(".candidate-*"))
+    from lowrank_cli.engine.precision import fast_bfloat16
+
+    # the default --sensitivity-dtype auto: bfloat16 where this CPU multiplies it fast, recorded either way
+    assert manifest["precision"] == doc["precision"] == {
+        "compute": "float32", "profile_gram_products": "float32",
+        "sensitivity": "bfloat16" if fast_bfloat16("cpu") else "float32"}
     from lowrank_cli.io.finish import weight_file_bytes
 
     own = weight_file_bytes(out) + sum(weight_file_bytes(p) for p in out.iterdir() if p.is_dir())
@@ -221,6 +246,7 @@ def test_compressed_output_reads_back_with_its_reported_test_perplexity(compress
     (["--bits", "5"], "--bits 5 is not supported"),
     (["--keeps", "1.5"], "--keeps 1.5 must be a fraction"),
     (["--target-size", "lots"], "--target-size 'lots'"),
+    (["--sensitivity-dtype", "half"], "unknown --sensitivity-dtype 'half' (choose auto, float32, bfloat16)"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tiny_llama, tmp_path, args, message):
     out = tmp_path / "out"

@@ -98,6 +98,19 @@ def test_dry_run_writes_nothing(tiny_bigcode, tmp_path):
     assert doc["memory"]["total"] > 0
 
 
+def test_dry_run_counts_the_fisher_pass_head_copy(tiny_bigcode):
+    """A bfloat16 Fisher pass over float32 weights holds a bfloat16 copy of the head: the plan counts it."""
+    plans = {}
+    for dtype in ("float32", "bfloat16"):
+        code, doc, _ = decompose(str(tiny_bigcode), "--params-ratio", "0.5", "--dry-run", "--seq-len", "64",
+                                 "--sensitivity-dtype", dtype)
+        assert code == 0
+        plans[dtype] = doc["memory"]
+    assert plans["float32"]["fisher_head_copy"] == 0
+    assert plans["bfloat16"]["fisher_head_copy"] == 512 * 64 * 2  # vocabulary x hidden x 2 bytes
+    assert plans["bfloat16"]["total"] - plans["float32"]["total"] in (0, 512 * 64 * 2)  # unless another phase peaks
+
+
 def test_dry_run_plans_for_a_device_this_machine_lacks(tiny_bigcode, monkeypatch):
     """A GPU run can be sized from a laptop: the plan uses the device's compute dtype (bfloat16)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -141,6 +154,7 @@ def test_targets_select_layers(tiny_bigcode, tmp_path):
     (["--rank", "8", "--targets", "nothing_like_this"], "matches no linear"),
     (["--rank", "0"], "rank"),
     (["--rank", "8", "--method", "magic"], "method"),
+    (["--params-ratio", "0.5", "--sensitivity-dtype", "float16"], "unknown --sensitivity-dtype 'float16'"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, needle, tiny_llama, tmp_path):
     out = tmp_path / "out"
@@ -148,6 +162,39 @@ def test_bad_input_exits_2_and_writes_nothing(args, needle, tiny_llama, tmp_path
     assert code == 2, result.stderr
     assert needle in doc["error"]["message"]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_sensitivity_dtype_is_one_line_on_stderr(tiny_llama, tmp_path):
+    result = runner.invoke(app, ["decompose", str(tiny_llama), "-o", str(tmp_path / "out"), "--params-ratio", "0.5",
+                                 "--sensitivity-dtype", "fp8", *FAST])
+    assert result.exit_code == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--sensitivity-dtype 'fp8'" in lines[0] and "auto, float32, bfloat16" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sensitivity_dtype_steers_only_and_is_recorded(tiny_llama, tmp_path):
+    """bfloat16 (forced) and float32 sensitivity passes: each recorded in the result and lowrank.json, the
+    Fisher weights within a few %, and the same ranks (hence the same weights and perplexities) on a tiny
+    model; the profile's curves took float32 Gram products, the factors the --gram-products default."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        code, doc, result = decompose(str(tiny_llama), "-o", str(out), "--params-ratio", "0.6",
+                                      "--sensitivity-dtype", dtype, *FAST)
+        assert code == 0, result.stderr
+        manifest = json.loads((out / "lowrank.json").read_text())
+        assert doc["precision"] == manifest["precision"] == {
+            "compute": "float32", "factor_gram_products": "float64", "sensitivity": dtype,
+            "profile_gram_products": "float32"}
+        assert manifest["options"]["sensitivity_dtype"] == dtype
+        runs[dtype] = doc, manifest
+    (f32, m32), (bf16, m16) = runs["float32"], runs["bfloat16"]
+    assert m32["sensitivity"].keys() == m16["sensitivity"].keys()
+    for name, value in m32["sensitivity"].items():
+        assert m16["sensitivity"][name] == pytest.approx(value, rel=0.03), name
+    assert bf16["ranks"] == f32["ranks"]
+    assert bf16["perplexity"]["test_final"] == pytest.approx(f32["perplexity"]["test_final"], rel=1e-6)
 
 
 def test_model_without_linear_layers_exits_2(tmp_path, tokenizer_dir):

@@ -141,3 +141,80 @@ def test_head_gradient_is_two_matmuls_per_token_in_small_chunks(tmp_path, monkey
     torch.testing.assert_close(one_by_one, grad, rtol=1e-3, atol=5e-5)
     print(f"head cost in units of one head matmul: by hand {ours:.2f} (+check {checked - ours:.2f}), "
           f"autograd {theirs:.2f}")
+
+
+# -- the steering precision (lowrank_cli/engine/precision.py) ----------------------------------------------------
+def test_bfloat16_sensitivities_agree_with_float32(tiny_llama, monkeypatch):
+    """The whole pass under bfloat16 autocast (blocks and the head's chunked matmuls): every sensitivity within
+    a few % of float32's (the estimate's own window-to-window noise is ~30%); the hand-made head is still
+    used (its check against the model's logits runs in float32); float32 is the pass as it was (autograd
+    reference above), and the head's chunks really ran in bfloat16."""
+    windows = _windows(512, n=4, seq=32)
+    f32, targets = _streamed_pass(tiny_llama, windows)
+    seen = []
+    real_logits = sensitivity._HeadGradient._logits
+
+    def spy(self, z, weight=None):
+        seen.append((weight if weight is not None else self.head.weight).dtype)
+        return real_logits(self, z, weight)
+
+    monkeypatch.setattr(sensitivity._HeadGradient, "_logits", spy)
+    streamed = StreamedModel(Checkpoint(tiny_llama))
+    acts = streamed.capture(windows, 2)
+    boundaries = [acts]
+    for i in range(streamed.num_blocks):
+        streamed.load_block(i)
+        acts = streamed.run_block(i, acts)
+        boundaries.append(acts)
+        streamed.free_block(i)
+    bf16 = output_sensitivities(streamed, windows, boundaries, targets, 2, autocast=torch.bfloat16)
+    assert seen[0] == torch.float32 and set(seen[1:]) == {torch.bfloat16}  # the check, then the chunks
+    assert bf16.keys() == f32.keys()
+    for name, value in f32.items():
+        assert value > 0
+        assert bf16[name] == pytest.approx(value, rel=0.03), name
+    assert any(bf16[n] != f32[n] for n in f32)  # it did run differently
+
+
+def test_square_sum_matches_float64():
+    g = torch.randn(3, 257, 96, generator=torch.Generator().manual_seed(0))
+    exact = float(g.double().pow(2).sum())
+    assert sensitivity._square_sum(g) == pytest.approx(exact, rel=1e-5)
+    assert sensitivity._square_sum(g.bfloat16()) == pytest.approx(float(g.bfloat16().double().pow(2).sum()),
+                                                                  rel=1e-5)
+
+
+def test_steering_dtype_choices(monkeypatch):
+    from lowrank_cli.engine import precision
+
+    monkeypatch.setattr(precision, "fast_bfloat16", lambda device: True)
+    assert precision.steering_dtype("auto", "cpu", torch.float32) == torch.bfloat16
+    assert precision.steering_dtype("auto", "cpu", torch.bfloat16) is None  # already 16-bit: no autocast
+    assert precision.steering_dtype("auto", "cuda", torch.float16) is None
+    assert precision.steering_dtype("float32", "cpu", torch.float32) is None
+    monkeypatch.setattr(precision, "fast_bfloat16", lambda device: False)
+    assert precision.steering_dtype("auto", "cpu", torch.float32) is None
+    assert precision.steering_dtype("bfloat16", "cpu", torch.float32) == torch.bfloat16  # forced
+    with pytest.raises(ValueError, match="float16"):
+        precision.steering_dtype("float16", "cpu", torch.float32)
+
+
+def test_fast_bfloat16_reads_the_cpu_probes(monkeypatch):
+    """AMX-BF16 or AVX512-BF16 -> fast; neither, or probes this torch lacks (private API) -> not fast."""
+    from lowrank_cli.engine.precision import fast_bfloat16
+
+    for amx, avx, want in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v, raising=False)
+        assert fast_bfloat16("cpu") is want
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert fast_bfloat16("cpu") is False
+
+    def broken():
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert fast_bfloat16("cpu") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fast_bfloat16("cuda:0") is False

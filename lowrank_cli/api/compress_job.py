@@ -202,6 +202,7 @@ class CompressJob(SolverJob):
     def _profile(self) -> dict:
         """Baseline eval/test perplexity and, for the factorizing families, the layers' error curves (weighed
         by Fisher sensitivities under the default allocation, as decompose does)."""
+        from lowrank_cli.engine.precision import dtype_name
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
         from lowrank_cli.methods.decompose.allocate import LayerCurve
         from lowrank_cli.methods.decompose.modifier import Profiler
@@ -209,7 +210,9 @@ class CompressJob(SolverJob):
         curves = any(s.keep is not None for s in self.specs) and self.opts.allocation != "uniform"
         # the sensitivities also price every candidate's error (the predictions behind --prune)
         fisher = (curves and self.opts.allocation == "fisher") or self.pruning
-        profiler = Profiler("lord", self.opts.damp, curves=curves)
+        profiler = Profiler("lord", self.opts.damp, curves=curves)  # float32 Gram products (CURVE_PRODUCTS)
+        if profiler.needs_data:
+            self.precision["profile_gram_products"] = dtype_name(profiler.product_dtype)
         with self.timer("profile"):
             task = self.progress.task("profile", self.streamed.num_blocks)
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
@@ -462,9 +465,10 @@ class CompressJob(SolverJob):
         write_manifest(tmp, command="compress", options=vars(self.opts),
                        input_info={"model": self.model, "path": str(self.path), "fingerprint": self.ckpt.fingerprint()},
                        metrics={"chosen": public, "baseline": self.baseline, "budget": self.budget},
-                       extra={"candidates": rows, "timings_s": self.timer.seconds})
+                       extra={"candidates": rows, "timings_s": self.timer.seconds, "precision": self.precision})
         return CompressResult(model=self.model, output=None, dry_run=False, budget=self.budget, chosen=public,
-                              candidates=rows, baseline=self.baseline, timings_s=self.timer.seconds)
+                              candidates=rows, baseline=self.baseline, timings_s=self.timer.seconds,
+                              precision=self.precision)
 
 
 def _public(row: dict) -> dict:

@@ -21,6 +21,7 @@ class CompressResult(Result):
     candidates: list  # every candidate: family, settings, bytes, bits per weight, eval/test perplexity, seconds
     baseline: dict  # eval and test perplexity of the input, its weight bytes
     timings_s: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)  # dtype of each pass: compute, sensitivity, profile Gram products
 
     def summary(self):
         rows = [("model", self.model), ("budget", _budget_text(self.budget))]

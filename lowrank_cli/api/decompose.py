@@ -46,6 +46,7 @@ class DecomposeResult(Result):
     plan: list  # layer kinds, shapes, break-even ranks
     memory: dict  # estimated peak bytes by component; measured peaks
     timings_s: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)  # dtype of each pass: compute, sensitivity, profile Gram products
 
     def summary(self):
         p, q = self.params, self.perplexity
@@ -115,6 +116,8 @@ class _Job(SolverJob):
         value = getattr(opts, self.kind)
         self.budget = {"kind": self.kind, "value": value if value is not None else 0.01}
         self.targeted_before = sum(t.params for t in self.targets)
+        if opts.method != "svd":
+            self.precision["factor_gram_products"] = opts.gram_products
         if self.kind == "rank":
             self._check_rank_saves()
 
@@ -132,17 +135,20 @@ class _Job(SolverJob):
     def _memory(self) -> dict:
         import torch
 
+        from lowrank_cli.engine.precision import steering_dtype
         from lowrank_cli.methods.decompose.plan import estimate_output_bytes, estimate_peak_bytes
 
         opts, cfg = self.opts, self.streamed.model.config
         compute = torch.finfo(self.dtype).bits // 8
+        steer = steering_dtype(opts.sensitivity_dtype, opts.device, self.dtype) if self.fisher else None
         memory = estimate_peak_bytes(
             self.ckpt, self.streamed.blocks_name, self.streamed.num_blocks, self.targets, hidden=cfg.hidden_size,
             vocab=cfg.vocab_size, compute_bytes=compute, calib_tokens=opts.calib_samples * opts.calib_seq_len,
             eval_tokens=opts.eval_tokens + opts.test_tokens, seq_len=opts.calib_seq_len,
             batch_size=opts.batch_size, fisher=self.fisher,
             candidates=opts.search_width if self.kind == "target_ppl_increase" else 1,
-            own_calib=opts.sequential and opts.method != "svd")
+            own_calib=opts.sequential and opts.method != "svd",
+            head_copy_bytes=torch.finfo(steer).bits // 8 if steer not in (None, self.dtype) else 0)
         memory["device"] = opts.device
         memory["compute_dtype"] = str(self.dtype).replace("torch.", "")
         memory["output"] = estimate_output_bytes(self.ckpt, self.targets, keep=opts.params_ratio, rank=opts.rank,
@@ -197,13 +203,16 @@ class _Job(SolverJob):
 
     def _profile(self):
         """Error curves on the original model's Grams, baseline eval/test perplexity, Fisher sensitivities."""
+        from lowrank_cli.engine.precision import dtype_name
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
         from lowrank_cli.methods.decompose.allocate import LayerCurve
         from lowrank_cli.methods.decompose.modifier import Profiler
 
         opts = self.opts
-        profiler = Profiler(opts.method, opts.damp, curves=opts.allocation != "uniform" and self.kind != "rank",
-                            product_dtype=self._products())
+        # the curves take float32 Gram products whatever --gram-products says (see CURVE_PRODUCTS)
+        profiler = Profiler(opts.method, opts.damp, curves=opts.allocation != "uniform" and self.kind != "rank")
+        if profiler.needs_data:
+            self.precision["profile_gram_products"] = dtype_name(profiler.product_dtype)
         with self.timer("profile"):
             task, tick = self._task("profile")
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
@@ -395,12 +404,14 @@ class _Job(SolverJob):
         evaluations = [_public(r) for r in self.evaluations]
         result = DecomposeResult(output=None, dry_run=False, params=params, perplexity=perplexity, ranks=factored,
                                  dense_layers=[t.name for t in self.targets if t.name not in factored],
-                                 evaluations=evaluations, timings_s=self.timer.seconds, **base_fields)
+                                 evaluations=evaluations, timings_s=self.timer.seconds, precision=self.precision,
+                                 **base_fields)
         finish_folder(tmp, self.ckpt, config, command="decompose", options=vars(self.opts),
                       input_info={"model": self.model, "path": str(self.path),
                                   "fingerprint": self.ckpt.fingerprint()},
                       metrics={"params": params, "perplexity": perplexity, "evaluations": evaluations},
-                      extra={"layers": chosen["layers"], "sensitivity": sens, "timings_s": self.timer.seconds})
+                      extra={"layers": chosen["layers"], "sensitivity": sens, "timings_s": self.timer.seconds,
+                             "precision": self.precision})
         return result
 
     def _params(self, layers: list[dict]) -> dict:

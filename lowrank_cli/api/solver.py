@@ -34,12 +34,14 @@ class SolverJob:
     """The streamed model (skeleton on meta; `--dry-run` reads headers only, on CPU), its targets, a timer."""
 
     def __init__(self, model: str, path, ckpt, opts, progress, patterns=None):
+        from lowrank_cli.engine.precision import dtype_name
         from lowrank_cli.engine.streamed import StreamedModel, resolve_dtype
         from lowrank_cli.engine.targets import select_targets
 
         self.model, self.path, self.ckpt, self.opts, self.progress = model, path, ckpt, opts, progress
         self.timer = Timer()
         self.dtype = resolve_dtype(opts.dtype, opts.device)
+        self.precision: dict[str, str] = {"compute": dtype_name(self.dtype)}  # what each pass ran in (manifest)
         with self.timer("load"):
             self.streamed = StreamedModel(ckpt, device="cpu" if opts.dry_run else opts.device, dtype=self.dtype,
                                           offload_dir=opts.offload_dir)
@@ -49,13 +51,17 @@ class SolverJob:
         """Each target's loss per unit of output error (Fisher): one streamed backward pass over the
         calibration windows, replaying the block boundaries a profile pass kept, which are then released
         (memory handed back to the OS before the next pass)."""
+        from lowrank_cli.engine.precision import dtype_name, steering_dtype
         from lowrank_cli.engine.streamed import release_freed_memory
         from lowrank_cli.methods.decompose.sensitivity import output_sensitivities
 
+        # the sensitivities only steer the allocation: bfloat16 products where they are fast (engine/precision.py)
+        autocast = steering_dtype(self.opts.sensitivity_dtype, self.opts.device, self.dtype)
+        self.precision["sensitivity"] = dtype_name(autocast or self.dtype)
         with self.timer("sensitivity"):
             task = self.progress.task("sensitivity", self.streamed.num_blocks)
             sens = output_sensitivities(self.streamed, calib, boundaries, self.targets, self.opts.batch_size,
-                                        lambda *_: task.advance())
+                                        lambda *_: task.advance(), autocast=autocast)
             task.close()
         for acts in boundaries:
             acts.release()

@@ -37,6 +37,7 @@ import torch
 
 from lowrank_cli.engine.activations import Activations
 from lowrank_cli.engine.calibration import InputGrams, run_stored
+from lowrank_cli.engine.precision import autocast
 from lowrank_cli.engine.targets import Target, by_block
 from lowrank_cli.eval.perplexity import NLL
 
@@ -185,7 +186,7 @@ def _shared_grams(block, i: int, acts: Activations, mine: list[Target], product_
 
 def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: list[Target],
                  candidates: list[Candidate], *, sequential: bool = True, batch_size: int = 1,
-                 keep_boundaries: bool = False, progress=None,
+                 keep_boundaries: bool = False, progress=None, calib_autocast: torch.dtype | None = None,
                  prune: Callable[[Candidate, int], bool] | None = None) -> PipelineOutcome:
     """Run every candidate over the model in one streamed pass; see the module docstring.
 
@@ -194,7 +195,9 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
     every candidate (its Grams are measured once per block). `keep_boundaries` keeps a calibration stream
     at every block boundary (the shared one, else the first candidate's; the Fisher sensitivity pass
     replays them). `prune(candidate, i)`, asked after each block, stops a candidate for good when it answers
-    True (see the module docstring). The streamed model is left as it was found.
+    True (see the module docstring). `calib_autocast`: run the shared calibration forward (`sequential=False`
+    only) under torch.autocast in this dtype, for passes whose Grams and boundaries only steer (the profile);
+    the evaluation streams always run in the compute dtype. The streamed model is left as it was found.
     """
     if prune is not None and keep_boundaries:
         raise ValueError("keep_boundaries follows the first candidate, which prune could stop")
@@ -219,7 +222,8 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
         mine = targets_of.get(i, [])
         grams = None
         if shared_c is not None:
-            grams, new_shared = _shared_grams(block, i, shared_c, mine if needs_data else [], product_dtype)
+            with autocast(streamed.device, calib_autocast):
+                grams, new_shared = _shared_grams(block, i, shared_c, mine if needs_data else [], product_dtype)
         live = [c for c in candidates if c.dropped_at is None]
         original = _snapshot(block) if len(live) > 1 else None
         for k, cand in enumerate(live):

@@ -13,9 +13,10 @@ from lowrank_cli.api.options.fields import (
     TRAIN_PANEL,
     option,
 )
+from lowrank_cli.errors import UsageError
 
 __all__ = ["output", "overwrite", "max_shard_size", "device", "dtype", "seed", "batch_size", "text_field",
-           "test_data", "test_tokens",
+           "test_data", "test_tokens", "sensitivity_dtype", "check_sensitivity_dtype",
            "offload_dir", "epochs", "max_steps", "train_batch_size", "grad_accum", "warmup", "weight_decay",
            "max_grad_norm", "eval_every", "save_every", "resume", "checkpoint_dir"]
 
@@ -41,6 +42,21 @@ def device() -> Any:
 def dtype() -> Any:
     return option("auto", help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, "
                   "float16.", panel=RUNTIME_PANEL)
+
+
+def sensitivity_dtype() -> Any:
+    return option("auto", panel=RUNTIME_PANEL, help="Precision of the Fisher sensitivity pass, which only "
+                  "steers the rank allocation: auto (bfloat16 where the device multiplies it fast: CPUs with "
+                  "AMX-BF16 or AVX512-BF16, CUDA devices with bfloat16; else float32), float32 or bfloat16. "
+                  "Never touches the written weights or the reported perplexities.")
+
+
+def check_sensitivity_dtype(value: str) -> None:
+    """UsageError for a --sensitivity-dtype this project does not offer."""
+    from lowrank_cli.engine.precision import STEERING_CHOICES
+
+    if value not in STEERING_CHOICES:
+        raise UsageError(f"unknown --sensitivity-dtype '{value}' (choose {', '.join(STEERING_CHOICES)})")
 
 
 def seed() -> Any:

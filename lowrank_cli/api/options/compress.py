@@ -102,6 +102,7 @@ class CompressOptions:
                            "estimate; run and write nothing.")
     device: str = common.device()
     dtype: str = common.dtype()
+    sensitivity_dtype: str = common.sensitivity_dtype()
     batch_size: int = common.batch_size()
     offload_dir: str | None = option(None, panel=RUNTIME_PANEL, help="Keep activations on disk here.")
     seed: int = common.seed()
@@ -134,6 +135,7 @@ class CompressOptions:
             raise UsageError(f"--keeps {bad_keeps[0]} must be a fraction in (0, 1)")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"unknown --allocation '{self.allocation}' (choose {', '.join(ALLOCATIONS)})")
+        common.check_sensitivity_dtype(self.sensitivity_dtype)
         for name in ("calib_samples", "eval_tokens", "test_tokens", "batch_size", "correction_rank"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")

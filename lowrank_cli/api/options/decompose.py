@@ -55,8 +55,10 @@ class DecomposeOptions:
     # float64 products are exact enough for the smallest directions; consumer GPUs run float64 at 1/32 to
     # 1/64 of their float32 rate, where float32 products (still summed in float64) are the practical choice
     gram_products: str = option("float64", panel=METHOD, help="Precision of each calibration chunk's Gram "
-                                "product before it is summed in float64: float64 (exact) or float32 (faster on "
-                                "GPUs without fast float64; its effect is measured in benchmarks/README.md).")
+                                "product before it is summed in float64, for the factors written: float64 "
+                                "(exact) or float32 (faster on GPUs without fast float64; its effect is measured "
+                                "in benchmarks/README.md). The allocation's error curves always take float32 "
+                                "products (measured: the same ranks).")
     search_steps: int = option(6, panel=BUDGET, help="Streamed passes over the model the perplexity search "
                                "may spend (each evaluates --search-width kept fractions).")
     # one read of the blocks serves every candidate of a pass, but each candidate still costs its own
@@ -94,6 +96,7 @@ class DecomposeOptions:
                            "estimates; write nothing.")
     device: str = common.device()
     dtype: str = common.dtype()
+    sensitivity_dtype: str = common.sensitivity_dtype()
     batch_size: int = common.batch_size()
     offload_dir: str | None = option(None, panel=RUNTIME_PANEL, help="Keep calibration activations on disk "
                                      "here (long calibration sets).")
@@ -134,6 +137,7 @@ class DecomposeOptions:
             raise UsageError(f"unknown --gram-products '{self.gram_products}' (choose float64, float32)")
         if self.damp < 0:
             raise UsageError("--damp must be >= 0")
+        common.check_sensitivity_dtype(self.sensitivity_dtype)
         from lowrank_cli.io.writer import parse_size
 
         parse_size(self.max_shard_size)  # a bad size fails now, not after the compression work
