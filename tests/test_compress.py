@@ -160,7 +160,8 @@ def _compress(src, out, *extra):
 def compressed(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("c") / "small"
     result = _compress(tiny_llama, out, "--target-ppl-increase", "3%", "--bits", "8,4,2", "--keeps", "0.9",
-                       "--no-prune")  # every candidate measured (the pruned run is compared with this one)
+                       # every candidate measured (the pruned run is compared with this one)
+                       "--families", "gptq,factorize-gptq,gptq-lr", "--no-prune")
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
 
@@ -205,7 +206,8 @@ def test_pruning_stops_candidates_over_the_threshold_and_chooses_among_the_rest(
     monkeypatch.setattr(compress_job, "PRUNE_FACTOR", 0.01)
     full_out, _ = compressed
     out = tmp_path / "pruned"
-    result = _compress(tiny_llama, out, "--target-ppl-increase", "3%", "--bits", "8,4,2", "--keeps", "0.9")
+    result = _compress(tiny_llama, out, "--target-ppl-increase", "3%", "--bits", "8,4,2", "--keeps", "0.9",
+                       "--families", "gptq,factorize-gptq,gptq-lr")
     assert result.exit_code == 0, result.output
     measured = {r["label"]: r for r in json.loads((full_out / "frontier.json").read_text())["candidates"]}
     rows = json.loads((out / "frontier.json").read_text())["candidates"]
@@ -265,7 +267,7 @@ def test_size_target_nothing_fits_exits_3_before_any_work(tiny_llama, tmp_path):
 
 
 def test_dry_run_lists_candidates_with_their_sizes(tiny_llama):
-    result = _compress(tiny_llama, None, "--dry-run", "--bits", "4,3")
+    result = _compress(tiny_llama, None, "--dry-run", "--bits", "4,3", "--families", "gptq,factorize-gptq,gptq-lr")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     sizes = [c["bytes"] for c in doc["candidates"]]

@@ -22,7 +22,8 @@ Writes the winner plus frontier.json and frontier.png. Exit code 3 when no candi
 
 HELP = """The smallest checkpoint within a quality budget, across quantization and factorization.
 
-Builds every candidate (GPTQ at several bit widths, factorization then GPTQ, GPTQ with a low-rank \
-correction, factorization alone) in one streamed pass from one calibration pass, measures each on \
-eval and test text, and keeps the smallest whose eval perplexity meets the target.
+Builds the candidates (GPTQ at several bit widths, factorization then GPTQ; on request GPTQ with a \
+low-rank correction, factorization alone) in one streamed pass from one calibration pass, stops those \
+predicted far over a perplexity budget, measures the rest on eval and test text, and keeps the smallest \
+whose eval perplexity meets the target.
 """

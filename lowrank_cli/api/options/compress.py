@@ -58,7 +58,7 @@ class CompressOptions:
                                      "fraction of the input's (0.3, 30%): the best eval perplexity within it wins.")
     families: list[str] | None = option(
         None, parse=functools.partial(parse_list, flag="--families"), panel=SEARCH,
-        help="Comma-separated: gptq, factorize-gptq, gptq-lr, factorize. Default: the first three.")
+        help="Comma-separated: gptq, factorize-gptq, gptq-lr, factorize. Default: the first two.")
     bits: list[int] | None = option(None, parse=functools.partial(parse_list, cast=int, flag="--bits"),
                                     panel=SEARCH, help="GPTQ bit widths tried (default 8,4,3,2).")
     keeps: list[float] | None = option(
