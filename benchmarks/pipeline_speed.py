@@ -12,7 +12,7 @@ the other, on the same model, calibration (16 x 512) and eval/test text (4096 + 
     search-1pct-w3  the same with --search-width 3 (3 kept fractions per streamed pass)
     search-1pct-w1  the same with --search-width 1 (bisection, one kept fraction per pass)
     quantize      quantize (GPTQ 4-bit, asymmetric, act-order, g128; baseline and quantized in one pass)
-    compress      compress --target-ppl-increase 5% --eval-tokens 5120 (10 candidates; one calibration pass with
+    compress      compress --target-ppl-increase 5% --eval-tokens 5120 (8 candidates; one calibration pass with
                   Fisher sensitivities, one candidates pass, candidates predicted far over budget pruned mid-pass)
     compress-no-prune  the same with --no-prune: every candidate built and measured
 With --busy, every configuration runs again beside a second process that keeps both cores busy with
