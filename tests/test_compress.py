@@ -102,6 +102,20 @@ def test_pruned_candidate_stops_and_the_others_are_unchanged(tiny_llama):
     assert alone.nll["keep"]["eval"].total == pytest.approx(outcome.nll["keep"]["eval"].total, rel=1e-6)
 
 
+def test_pass_ends_once_every_candidate_is_pruned(tiny_llama):
+    from lowrank_cli.methods.quantize.grid import Grid
+    from lowrank_cli.methods.quantize.modifier import Quantize
+
+    streamed, targets = _streamed(tiny_llama)
+    loaded = []
+    load = streamed.load_block
+    streamed.load_block = lambda i: loaded.append(i) or load(i)
+    cands = [Candidate(f"c{b}", Quantize(Grid(b, 32, False))) for b in (2, 4)]
+    outcome = run_pipeline(streamed, _windows(2), {"eval": _windows(1, seed=1)}, targets, cands,
+                           prune=lambda cand, i: True)
+    assert loaded == [0] and outcome.nll == {} and outcome.dropped == {"c2": 0, "c4": 0}
+
+
 def test_output_energy_is_the_summed_squared_output_error():
     from lowrank_cli.engine.sequential import output_energy
 

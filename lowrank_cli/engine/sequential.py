@@ -242,6 +242,8 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
         log.debug("block %d/%d done in %.1fs", i + 1, streamed.num_blocks, time.perf_counter() - t0)
         if progress:
             progress()
+        if all(c.dropped_at is not None for c in candidates):
+            break  # every candidate pruned: the rest of the model would be read for nothing
     nll = {}
     for cand in (c for c in candidates if c.dropped_at is None):
         nll[cand.name] = {name: _nll(streamed.head_nll_rows(acts, evalsets[name], batch_size), evalsets[name])
