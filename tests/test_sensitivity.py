@@ -16,7 +16,7 @@ def _windows(vocab: int, n=4, seq=16, seed=0):
     return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _streamed_pass(path, windows, batch_size=2):
+def _streamed_pass(path, windows, batch_size=2, autocast=None):
     """output_sensitivities with block-boundary activations built by the engine's own forward."""
     streamed = StreamedModel(Checkpoint(path))
     targets = select_targets(streamed.model, streamed.blocks_name, None)
@@ -27,7 +27,7 @@ def _streamed_pass(path, windows, batch_size=2):
         acts = streamed.run_block(i, acts)
         boundaries.append(acts)
         streamed.free_block(i)
-    return output_sensitivities(streamed, windows, boundaries, targets, batch_size), targets
+    return output_sensitivities(streamed, windows, boundaries, targets, batch_size, autocast=autocast), targets
 
 
 def _autograd_reference(path, windows, targets):
@@ -159,15 +159,7 @@ def test_bfloat16_sensitivities_agree_with_float32(tiny_llama, monkeypatch):
         return real_logits(self, z, weight)
 
     monkeypatch.setattr(sensitivity._HeadGradient, "_logits", spy)
-    streamed = StreamedModel(Checkpoint(tiny_llama))
-    acts = streamed.capture(windows, 2)
-    boundaries = [acts]
-    for i in range(streamed.num_blocks):
-        streamed.load_block(i)
-        acts = streamed.run_block(i, acts)
-        boundaries.append(acts)
-        streamed.free_block(i)
-    bf16 = output_sensitivities(streamed, windows, boundaries, targets, 2, autocast=torch.bfloat16)
+    bf16, _ = _streamed_pass(tiny_llama, windows, autocast=torch.bfloat16)
     assert seen[0] == torch.float32 and set(seen[1:]) == {torch.bfloat16}  # the check, then the chunks
     assert bf16.keys() == f32.keys()
     for name, value in f32.items():

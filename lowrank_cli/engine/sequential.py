@@ -248,9 +248,7 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
     for cand in (c for c in candidates if c.dropped_at is None):
         nll[cand.name] = {name: _nll(streamed.head_nll_rows(acts, evalsets[name], batch_size), evalsets[name])
                           for name, acts in cand.evals.items()}
-        for acts in [*cand.evals.values(), cand.calib]:
-            if acts is not None:
-                acts.release()
+        _release_streams(cand)
     for acts in [captured_c, shared_c, *captured_e.values()]:
         if acts is not None:
             acts.release()
@@ -259,13 +257,17 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
                            {c.name: c.dropped_at for c in candidates if c.dropped_at is not None})
 
 
-def _drop(cand: Candidate, i: int) -> None:
-    """Stop a pruned candidate: its streams go, its reports so far stay."""
-    cand.dropped_at = i
+def _release_streams(cand: Candidate) -> None:
     for acts in [*cand.evals.values(), cand.calib]:
         if acts is not None:
             acts.release()
     cand.evals, cand.calib = {}, None
+
+
+def _drop(cand: Candidate, i: int) -> None:
+    """Stop a pruned candidate: its streams go, its reports so far stay."""
+    cand.dropped_at = i
+    _release_streams(cand)
     log.info("%s pruned after block %d", cand.name, i)
 
 
