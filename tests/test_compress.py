@@ -117,7 +117,7 @@ def test_pass_ends_once_every_candidate_is_pruned(tiny_llama):
 
 
 def test_output_energy_is_the_summed_squared_output_error():
-    from lowrank_cli.engine.sequential import output_energy
+    from lowrank_cli.engine.calibration import output_energy
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 20, generator=g, dtype=torch.float64)

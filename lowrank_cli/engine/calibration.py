@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lowrank_cli.engine.activations import Activations
 
-__all__ = ["InputGrams", "run_stored", "accumulate_gram"]
+__all__ = ["InputGrams", "run_stored", "accumulate_gram", "output_energy"]
 
 # Tokens cast to float64 per step in `accumulate_gram`: bounds the float64 copy of a large
 # activation batch (tokens x n x 8 bytes) while keeping each matmul big enough to run at full speed.
@@ -59,6 +59,14 @@ def accumulate_gram(gram: Tensor | None, x: Tensor, product_dtype=None) -> Tenso
         chunk = rows[start : start + _LOW_PRECISION_CHUNK_ROWS].to(device=gram.device, dtype=product_dtype)
         gram += (chunk.T @ chunk).to(torch.float64)
     return gram
+
+
+def output_energy(weight: Tensor, changed: Tensor, gram: Tensor) -> float:
+    """tr(D G D^T) with D = weight - changed and G = X^T X: the summed squared output error over the Gram's
+    tokens (any scale of G scales it alike). A report, not part of a solve: float32 products (one m x n x n
+    GEMM) are plenty for three significant digits."""
+    d = (weight.double() - changed.double()).float()
+    return float(((d @ gram.to(device=d.device, dtype=torch.float32)) * d).sum())
 
 
 class _Halt(Exception):

@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 import torch
 
 from lowrank_cli.engine.activations import Activations
-from lowrank_cli.engine.calibration import InputGrams, run_stored
+from lowrank_cli.engine.calibration import InputGrams, output_energy, run_stored
 from lowrank_cli.engine.precision import autocast
 from lowrank_cli.engine.targets import Target, by_block
 from lowrank_cli.eval.perplexity import NLL
 
-__all__ = ["Modifier", "Unchanged", "Candidate", "PipelineOutcome", "run_pipeline", "output_energy"]
+__all__ = ["Modifier", "Unchanged", "Candidate", "PipelineOutcome", "run_pipeline"]
 
 log = logging.getLogger("lowrank")
 
@@ -134,7 +134,8 @@ def _apply(block, i: int, cand: Candidate, mine: list[Target], shared: InputGram
 
 
 def _modify(block, cand: Candidate, group: list[Target], grams) -> list[dict]:
-    """modifier.modify, plus each changed layer's output error energy when the candidate tracks it."""
+    """modifier.modify, plus each changed layer's output error energy when the candidate tracks it (unless the
+    modifier measured it already on the same Gram, as GPTQ's report does)."""
     if not cand.track_energy or grams is None:
         return cand.modifier.modify(block, group, grams)
     before = {t.name: block.get_submodule(t.local).weight.detach().clone() for t in group}
@@ -142,17 +143,10 @@ def _modify(block, cand: Candidate, group: list[Target], grams) -> list[dict]:
     local = {t.name: t.local for t in group}
     for report in reports:
         name = report.get("name")
-        if name in before:
+        if name in before and "output_energy" not in report:
             after = block.get_submodule(local[name]).weight  # dense product for factors (one matmul)
             report["output_energy"] = output_energy(before[name], after.detach(), grams.gram(local[name]))
     return reports
-
-
-def output_energy(weight: torch.Tensor, changed: torch.Tensor, gram: torch.Tensor) -> float:
-    """tr(D G D^T) with D = weight - changed: the summed squared output error over the Gram's tokens.
-    A report for a prediction, not part of a solve: float32 products are plenty."""
-    d = (weight.double() - changed.double()).float()
-    return float(((d @ gram.to(device=d.device, dtype=torch.float32)) * d).sum())
 
 
 def _snapshot(block) -> dict[str, torch.Tensor]:

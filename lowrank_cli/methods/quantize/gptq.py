@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 
 # QuantizedWeight lives with the grid (round-to-nearest returns one too); re-exported here
+from lowrank_cli.engine.calibration import output_energy
 from lowrank_cli.methods.quantize.grid import Grid, QuantizedWeight, find_params
 from lowrank_cli.utils.threads import single_thread_upto
 
-__all__ = ["QuantizedWeight", "gptq_quantize", "output_error", "output_errors"]
+__all__ = ["QuantizedWeight", "gptq_quantize", "output_error", "output_errors", "output_energies"]
 
 
 class NotPositiveDefinite(ValueError):
@@ -96,13 +97,12 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
 
 
 def output_errors(weight: torch.Tensor, approxes: list[torch.Tensor], hessian: torch.Tensor) -> list[float]:
-    """`output_error` of several approximations of one weight, sharing the denominator. A report, not part
-    of the solve: float32 products (one m x n x n GEMM each) are plenty for three significant digits."""
-    H = hessian.float()
-    W = weight.float()
-    den = float(((W @ H) * W).sum())
-    out = []
-    for approx in approxes:
-        D = (weight.double() - approx.double()).float()
-        out.append(float(((D @ H) * D).sum()) / den if den > 0 else 0.0)
-    return out
+    """`output_error` of several approximations of one weight, sharing the denominator."""
+    return output_energies(weight, approxes, hessian)[1]
+
+
+def output_energies(weight: torch.Tensor, approxes: list[torch.Tensor], hessian: torch.Tensor):
+    """(absolute, relative): each approximation's ||(W - W') X||^2 (`output_energy`) and that over ||W X||^2."""
+    den = output_energy(weight, torch.zeros_like(weight), hessian)
+    energies = [output_energy(weight, approx, hessian) for approx in approxes]
+    return energies, [e / den if den > 0 else 0.0 for e in energies]

@@ -13,7 +13,7 @@ import torch
 
 from lowrank_cli.engine.sequential import Modifier
 from lowrank_cli.engine.targets import Target
-from lowrank_cli.methods.quantize.gptq import NotPositiveDefinite, gptq_quantize, output_errors
+from lowrank_cli.methods.quantize.gptq import NotPositiveDefinite, gptq_quantize, output_energies
 from lowrank_cli.methods.quantize.grid import Grid, rtn_quantize
 from lowrank_cli.methods.quantize.packing import pack
 
@@ -59,10 +59,12 @@ def quantize_layers(weights: list[torch.Tensor], gram: torch.Tensor | None, grid
 def _report(weight: torch.Tensor, qw, rtn, gram) -> tuple[torch.Tensor, dict]:
     report = {"shape": list(weight.shape)}
     deq = qw.dequantize()
-    if gram is not None and rtn is not None:
-        report["output_error"], report["rtn_output_error"] = output_errors(weight, [deq, rtn.dequantize()], gram)
-    elif gram is not None:
-        report["output_error"] = output_errors(weight, [deq], gram)[0]
+    if gram is not None:
+        energies, errors = output_energies(weight, [deq] + ([rtn.dequantize()] if rtn is not None else []), gram)
+        # the absolute energy is what compress's prediction reads (engine/sequential.py reuses it)
+        report["output_energy"], report["output_error"] = energies[0], errors[0]
+        if rtn is not None:
+            report["rtn_output_error"] = errors[1]
     report["weight_error"] = float((weight.double() - deq).square().sum()
                                    / weight.double().square().sum().clamp(min=1e-300))
     return deq, report
