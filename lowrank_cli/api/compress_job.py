@@ -204,17 +204,13 @@ class CompressJob(SolverJob):
     def _profile(self) -> dict:
         """Baseline eval/test perplexity and, for the factorizing families, the layers' error curves (weighed
         by Fisher sensitivities under the default allocation, as decompose does)."""
-        from lowrank_cli.engine.precision import dtype_name
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
         from lowrank_cli.methods.decompose.allocate import LayerCurve
-        from lowrank_cli.methods.decompose.modifier import Profiler
 
         curves = any(s.keep is not None for s in self.specs) and self.opts.allocation != "uniform"
         # the sensitivities also price every candidate's error (the predictions behind --prune)
         fisher = (curves and self.opts.allocation == "fisher") or self.pruning
-        profiler = Profiler("lord", self.opts.damp, curves=curves)  # float32 Gram products (CURVE_PRODUCTS)
-        if profiler.needs_data:
-            self.precision["profile_gram_products"] = dtype_name(profiler.product_dtype)
+        profiler = self.profiler("lord", curves)
         with self.timer("profile"):
             task = self.progress.task("profile", self.streamed.num_blocks)
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,

@@ -203,16 +203,12 @@ class _Job(SolverJob):
 
     def _profile(self):
         """Error curves on the original model's Grams, baseline eval/test perplexity, Fisher sensitivities."""
-        from lowrank_cli.engine.precision import dtype_name
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
         from lowrank_cli.methods.decompose.allocate import LayerCurve
-        from lowrank_cli.methods.decompose.modifier import Profiler
 
         opts = self.opts
         # the curves take float32 Gram products whatever --gram-products says (see CURVE_PRODUCTS)
-        profiler = Profiler(opts.method, opts.damp, curves=opts.allocation != "uniform" and self.kind != "rank")
-        if profiler.needs_data:
-            self.precision["profile_gram_products"] = dtype_name(profiler.product_dtype)
+        profiler = self.profiler(opts.method, curves=opts.allocation != "uniform" and self.kind != "rank")
         with self.timer("profile"):
             task, tick = self._task("profile")
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,

@@ -47,6 +47,17 @@ class SolverJob:
                                           offload_dir=opts.offload_dir)
             self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, patterns)
 
+    def profiler(self, method: str, curves: bool):
+        """The profile pass's modifier (error curves, float32 Gram products: CURVE_PRODUCTS), the precision
+        of those products recorded when it reads data."""
+        from lowrank_cli.engine.precision import dtype_name
+        from lowrank_cli.methods.decompose.modifier import Profiler
+
+        profiler = Profiler(method, self.opts.damp, curves=curves)
+        if profiler.needs_data:
+            self.precision["profile_gram_products"] = dtype_name(profiler.product_dtype)
+        return profiler
+
     def sensitivities(self, calib, boundaries) -> dict:
         """Each target's loss per unit of output error (Fisher): one streamed backward pass over the
         calibration windows, replaying the block boundaries a profile pass kept, which are then released
