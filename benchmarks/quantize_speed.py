@@ -3,7 +3,9 @@
 Every tool quantizes the same checkpoint on the same 16 x 512 calibration windows (lowrank's default
 calibration text, stdlib code, its calib part) to the same grid: 4-bit, symmetric, groups of 64 (llm-compressor
 refuses groups of 128 on SmolLM2's 576-wide layers), no act-order, damping 0.01, every block linear
-(lm_head left alone). Each tool runs in a fresh process, one after the other; its time is the whole job:
+(lm_head left alone). lowrank runs with its default, and again with each setting of `--true-sequential`
+(one halted forward per input group of a block, or one forward for all of a block's groups: llm-compressor's
+way). Each tool runs in a fresh process, one after the other; its time is the whole job:
 load the model, calibrate, solve, pack and save. lowrank runs with `--eval-tokens 0` (it otherwise measures
 the baseline and quantized perplexity in the same pass, which the others do not do).
 Quality is kept if the outputs agree: every output is read back dequantized (lowrank's and gptqmodel's with
@@ -34,15 +36,15 @@ sys.path.insert(0, str(HERE))
 from smollm2 import model_path  # noqa: E402  (beside this script)
 
 GRID = dict(bits=4, group_size=64, sym=True, act_order=False, damp=0.01)
-TOOLS = ("lowrank", "gptqmodel", "llmcompressor")
+TOOLS = ("lowrank", "lowrank-true-sequential", "lowrank-one-forward", "gptqmodel", "llmcompressor")
 
 
 # -- workers: one tool per fresh process --------------------------------------------------------------------
-def quantize_lowrank(src: str, out: str, calib: list) -> None:
+def quantize_lowrank(src: str, out: str, calib: list, **extra) -> None:
     from lowrank_cli.api.quantize import QuantizeOptions, quantize
 
     quantize(src, QuantizeOptions(output=out, calib_samples=len(calib), calib_seq_len=len(calib[0]), eval_tokens=0,
-                                  **GRID))
+                                  **GRID, **extra))
 
 
 def quantize_gptqmodel(src: str, out: str, calib: list) -> None:
@@ -108,8 +110,11 @@ def perplexity(model, windows: list) -> float:
 def worker(tool: str, src: str, out: str, windows_file: str) -> None:
     doc = json.loads(Path(windows_file).read_text())
     start = time.perf_counter()
-    {"lowrank": quantize_lowrank, "gptqmodel": quantize_gptqmodel,
-     "llmcompressor": quantize_llmcompressor}[tool](src, out, doc["calib"])
+    {"lowrank": quantize_lowrank, "gptqmodel": quantize_gptqmodel, "llmcompressor": quantize_llmcompressor,
+     # lowrank with each way of measuring a block's Hessians (the plain row is the command's default)
+     "lowrank-true-sequential": lambda *a: quantize_lowrank(*a, true_sequential=True),
+     "lowrank-one-forward": lambda *a: quantize_lowrank(*a, true_sequential=False),
+     }[tool](src, out, doc["calib"])
     seconds = time.perf_counter() - start
     ppl = perplexity(load_for_eval(tool, out), doc["eval"]) if doc["eval"] else None
     print("RESULT " + json.dumps({"tool": tool, "seconds": round(seconds, 1), "eval_perplexity": ppl}), flush=True)

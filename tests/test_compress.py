@@ -74,6 +74,63 @@ def test_shared_calibration_grams_equal_per_candidate_grams(tiny_llama):
         assert torch.equal(a.tails[t.name], b.tails[t.name])
 
 
+def test_candidates_sharing_grams_share_spectra(tiny_llama, monkeypatch):
+    """On the shared calibration stream each layer's spectrum is computed once per block for all the candidates
+    that factorize it, and each candidate's tensors are those of a pass of its own."""
+    from lowrank_cli.methods.decompose import modifier as mod
+
+    streamed, targets = _streamed(tiny_llama)
+    calib, evalw = _windows(4), {"eval": _windows(2, seed=1)}
+    calls = []
+    real = mod.layer_spectrum
+    monkeypatch.setattr(mod, "layer_spectrum", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+
+    def make(rank):
+        store = {}
+        ranks = {t.name: rank for t in targets}
+        return Candidate(f"r{rank}", mod.Factorize(ranks, "lord", 0.01), store.__setitem__), store
+
+    (a, sa), (b, sb) = make(8), make(16)
+    together = run_pipeline(streamed, calib, evalw, targets, [a, b], sequential=False)
+    assert len(calls) == len(targets)  # not twice
+    for rank, shared_store in ((8, sa), (16, sb)):
+        cand, store = make(rank)
+        alone = run_pipeline(streamed, calib, evalw, targets, [cand], sequential=False)
+        assert store.keys() == shared_store.keys() and all(torch.equal(store[k], shared_store[k]) for k in store)
+        assert alone.nll[cand.name]["eval"].total == pytest.approx(together.nll[cand.name]["eval"].total, rel=1e-9)
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_true_sequential_or_one_forward_per_block(tiny_llama, true_sequential):
+    """true_sequential=False measures all of a block's Grams on the block as it entered: block 0's Grams are the
+    original model's, even for groups behind ones already quantized; true_sequential re-measures those. Block 1
+    is measured on the quantized stream either way."""
+    from lowrank_cli.engine.sequential import Modifier
+    from lowrank_cli.methods.quantize.grid import Grid
+    from lowrank_cli.methods.quantize.modifier import Quantize
+
+    class Recording(Modifier):
+        def __init__(self, inner=None):
+            self.inner, self.seen = inner, {}
+
+        def modify(self, block, group, grams):
+            for t in group:
+                self.seen[t.name] = grams.gram(t.local).clone()
+            return self.inner.modify(block, group, grams) if self.inner else []
+
+    streamed, targets = _streamed(tiny_llama)
+    calib = _windows(4)
+    original, quantized = Recording(), Recording(Quantize(Grid(2, 32, False)))
+    run_pipeline(streamed, calib, {}, targets, [Candidate("o", original)])
+    run_pipeline(streamed, calib, {}, targets, [Candidate("q", quantized)], true_sequential=true_sequential)
+    first = [t.name for t in targets if t.block == 0]
+    later = [name for name in first if not name.endswith(("q_proj", "k_proj", "v_proj"))]  # behind a quantized group
+    for name in first:
+        same = torch.equal(original.seen[name], quantized.seen[name])
+        assert same if (not true_sequential or name not in later) else not same, name
+    assert not any(torch.equal(original.seen[t.name], quantized.seen[t.name]) for t in targets if t.block == 1)
+
+
 def test_pruned_candidate_stops_and_the_others_are_unchanged(tiny_llama):
     """A candidate `prune` stops after block 0 has no NLL and no tensors past that block; the candidate beside
     it gets exactly the NLL of a pass of its own; tracked reports carry the output error energy."""
@@ -198,9 +255,10 @@ def test_compress_keeps_the_smallest_candidate_within_the_budget(compressed):
     assert manifest["command"] == "compress" and not list(out.glob(".candidate-*"))
     from lowrank_cli.engine.precision import fast_bfloat16
 
-    # the default --sensitivity-dtype auto: bfloat16 where this CPU multiplies it fast, recorded either way
+    # the default --sensitivity-dtype auto: bfloat16 where this CPU multiplies it fast, recorded either way; the
+    # profile's Grams are kept for the candidates pass, so they take the factorizing candidates' float64 products
     assert manifest["precision"] == doc["precision"] == {
-        "compute": "float32", "profile_gram_products": "float32",
+        "compute": "float32", "profile_gram_products": "float64",
         "sensitivity": "bfloat16" if fast_bfloat16("cpu") else "float32"}
     from lowrank_cli.io.finish import weight_file_bytes
 

@@ -136,6 +136,37 @@ def test_float32_gram_products_stay_close_to_float64(tiny_llama, tmp_path):
     assert runs["float32"]["perplexity"]["final"] == pytest.approx(runs["float64"]["perplexity"]["final"], rel=1e-3)
 
 
+def test_kept_grams_give_the_same_model_without_a_calibration_stream(tiny_llama, tmp_path, monkeypatch):
+    """--no-sequential: the profile keeps the original model's Grams (GramStore) and the compress passes use
+    them instead of carrying the calibration windows again; the written tensors are the same as when nothing
+    fits the store (every pass measures them). The store's products are the factors' (--gram-products)."""
+    from safetensors.torch import load_file
+
+    from lowrank_cli.engine import streamed as streamed_mod
+
+    captured = []
+    real_capture = streamed_mod.StreamedModel.capture
+    monkeypatch.setattr(streamed_mod.StreamedModel, "capture",
+                        lambda self, windows, *a, **k: captured.append(windows.shape) or real_capture(self, windows,
+                                                                                                      *a, **k))
+    args = ["--params-ratio", "0.5", "--no-sequential", "--calib-samples", "6", "--seq-len", "64",
+            "--eval-tokens", "256"]
+    code, kept, _ = decompose(str(tiny_llama), "-o", str(tmp_path / "kept"), *args)
+    assert code == 0, kept
+    calib_shape = (6, 64)
+    assert captured.count(calib_shape) == 1  # the profile pass only
+    assert kept["precision"]["profile_gram_products"] == "float64"
+    captured.clear()
+    monkeypatch.setattr("lowrank_cli.api.solver.GRAM_STORE_SHARE", 0.0)  # nothing fits: measured every pass
+    code, measured, _ = decompose(str(tiny_llama), "-o", str(tmp_path / "measured"), *args)
+    assert code == 0, measured
+    assert captured.count(calib_shape) == 2  # the profile pass and the compress pass
+    assert measured["precision"]["profile_gram_products"] == "float32"
+    assert kept["ranks"] == measured["ranks"]
+    a, b = load_file(tmp_path / "kept" / "model.safetensors"), load_file(tmp_path / "measured" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_targets_select_layers(tiny_bigcode, tmp_path):
     code, doc, _ = decompose(str(tiny_bigcode), "-o", str(tmp_path / "o"), "--params-ratio", "0.5",
                              "--targets", "mlp.*", *FAST)

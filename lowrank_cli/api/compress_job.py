@@ -159,7 +159,8 @@ class CompressJob(SolverJob):
         o = self.opts
         calib = o.calib_samples * o.calib_seq_len
         profile = calib + o.eval_tokens + o.test_tokens
-        calib_share = calib * n if o.sequential else calib
+        # without --sequential the candidates share one stream, or none when the profile's Grams are kept
+        calib_share = calib * n if o.sequential else (0 if self._keeps_grams() else calib)
         # Fisher sensitivities: one forward and one backward over the calibration text (a backward ~ 2 forwards)
         fisher = 3 * calib if (o.allocation == "fisher" and any(s.keep is not None for s in self.specs)
                                or self.pruning) else 0
@@ -207,15 +208,16 @@ class CompressJob(SolverJob):
         from lowrank_cli.engine.sequential import Candidate, run_pipeline
         from lowrank_cli.methods.decompose.allocate import LayerCurve
 
-        curves = any(s.keep is not None for s in self.specs) and self.opts.allocation != "uniform"
+        curves = self._profile_curves()
         # the sensitivities also price every candidate's error (the predictions behind --prune)
         fisher = (curves and self.opts.allocation == "fisher") or self.pruning
-        profiler = self.profiler("lord", curves)
+        self.gram_store = self.make_gram_store(self._candidate_products()) if self._keeps_grams() else None
+        profiler = self.profiler("lord", curves, store=self.gram_store)
         with self.timer("profile"):
             task = self.progress.task("profile", self.streamed.num_blocks)
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
                                    [Candidate("profile", profiler)], sequential=False, batch_size=self.opts.batch_size,
-                                   keep_boundaries=fisher, progress=task.advance)
+                                   keep_boundaries=fisher, progress=task.advance, gram_store=self.gram_store)
             task.close()
         nll, _, _ = outcome.only()
         sens = self.sensitivities(self.windows.calib, outcome.boundaries) if fisher else {}
@@ -234,7 +236,28 @@ class CompressJob(SolverJob):
     def _grid(self, bits: int) -> SimpleNamespace:
         o = self.opts
         return SimpleNamespace(bits=bits, group_size=o.group_size, sym=o.sym, act_order=o.act_order, damp=o.damp,
-                               method="gptq")
+                               method="gptq", true_sequential=o.sequential)
+
+    def _profile_curves(self) -> bool:
+        return any(s.keep is not None for s in self.specs) and self.opts.allocation != "uniform"
+
+    def _keeps_grams(self) -> bool:
+        """Whether the profile keeps its Grams for the candidates pass: they share one calibration stream through
+        the original blocks (no --sequential), so the profile's Grams, taken with the candidates' products,
+        spare that pass the stream; when they fit (`SolverJob.make_gram_store`)."""
+        return self._profile_curves() and not self.opts.sequential and self.make_gram_store(None) is not None
+
+    def _candidate_products(self):
+        """The Gram products the candidates pass takes: float32 when every candidate's modifier accepts them."""
+        from lowrank_cli.methods.compress.correction import QuantizeWithCorrection
+        from lowrank_cli.methods.compress.modifiers import FactorizeThenQuantize
+        from lowrank_cli.methods.decompose.modifier import Factorize
+        from lowrank_cli.methods.quantize.modifier import Quantize
+
+        kinds = {"gptq": Quantize, "factorize-gptq": FactorizeThenQuantize, "factorize": Factorize,
+                 "gptq-lr": QuantizeWithCorrection}
+        products = {kinds[spec.family].product_dtype for spec in self.specs}
+        return products.pop() if len(products) == 1 else None
 
     def _modifier(self, spec: Spec):
         from lowrank_cli.methods.compress.modifiers import FactorizeThenQuantize
@@ -274,7 +297,7 @@ class CompressJob(SolverJob):
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
                                    [r[3] for r in runs], sequential=self.opts.sequential,
                                    batch_size=self.opts.batch_size, progress=task.advance,
-                                   prune=self._prune if self.pruning else None)
+                                   prune=self._prune if self.pruning else None, gram_store=self.gram_store)
             task.close()
         records = []
         with self.timer("write"):

@@ -148,7 +148,8 @@ class _Job(SolverJob):
             batch_size=opts.batch_size, fisher=self.fisher,
             candidates=opts.search_width if self.kind == "target_ppl_increase" else 1,
             own_calib=opts.sequential and opts.method != "svd",
-            head_copy_bytes=torch.finfo(steer).bits // 8 if steer not in (None, self.dtype) else 0)
+            head_copy_bytes=torch.finfo(steer).bits // 8 if steer not in (None, self.dtype) else 0,
+            kept_grams=self.gram_store_bound() if self._gram_store() is not None else 0)
         memory["device"] = opts.device
         memory["compute_dtype"] = str(self.dtype).replace("torch.", "")
         memory["output"] = estimate_output_bytes(self.ckpt, self.targets, keep=opts.params_ratio, rank=opts.rank,
@@ -207,18 +208,29 @@ class _Job(SolverJob):
         from lowrank_cli.methods.decompose.allocate import LayerCurve
 
         opts = self.opts
-        # the curves take float32 Gram products whatever --gram-products says (see CURVE_PRODUCTS)
-        profiler = self.profiler(opts.method, curves=opts.allocation != "uniform" and self.kind != "rank")
+        self.gram_store = self._gram_store()
+        # the curves alone take float32 Gram products (see CURVE_PRODUCTS); Grams kept for the factors take theirs
+        profiler = self.profiler(opts.method, curves=opts.allocation != "uniform" and self.kind != "rank",
+                                 store=self.gram_store)
         with self.timer("profile"):
             task, tick = self._task("profile")
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets,
                                    [Candidate("profile", profiler)], sequential=False, batch_size=opts.batch_size,
-                                   keep_boundaries=self.fisher, progress=tick)
+                                   keep_boundaries=self.fisher, progress=tick, gram_store=self.gram_store)
             task.close()
         nll, _, _ = outcome.only()
         sens = self.sensitivities(self.windows.calib, outcome.boundaries) if self.fisher else {}
         curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name], sens.get(t.name, 1.0)) for t in self.targets]
         return curves, {name: v.perplexity for name, v in nll.items()}, sens
+
+    def _gram_store(self):
+        """Without sequential calibration every pass measures the same Grams (the original model's): the first
+        pass keeps them for the others (`SolverJob.gram_store`)."""
+        profile_grams = self.opts.allocation != "uniform" and self.kind != "rank"
+        one_compress_pass = self.kind != "target_ppl_increase"
+        if self.opts.sequential or self.opts.method == "svd" or (one_compress_pass and not profile_grams):
+            return None  # nothing to keep them for
+        return self.make_gram_store(self._products())
 
     def _ranks(self, keep: float) -> dict:
         from lowrank_cli.methods.decompose import allocate
@@ -253,7 +265,8 @@ class _Job(SolverJob):
         with self.timer("compress"):
             task, tick = self._task(f"compress {self.passes}" + (f" keep={keeps}" if keeps else ""))
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets, cands,
-                                   sequential=opts.sequential, batch_size=opts.batch_size, progress=tick)
+                                   sequential=opts.sequential, true_sequential=opts.true_sequential,
+                                   batch_size=opts.batch_size, progress=tick, gram_store=self.gram_store)
             task.close()
         records = []
         for (keep, ranks), cand, (folder, writer) in zip(runs, cands, writers, strict=True):

@@ -89,7 +89,7 @@ def gptq_config(opts, uneven: bool) -> dict:
     """The `quantization_config` transformers + gptqmodel read."""
     config = {"quant_method": "gptq", "bits": opts.bits, "group_size": opts.group_size, "desc_act": opts.act_order,
               "sym": opts.sym, "checkpoint_format": "gptq", "pack_dtype": "int32", "damp_percent": opts.damp,
-              "true_sequential": True, "meta": {"quantizer": ["lowrank_cli"], "method": opts.method}}
+              "true_sequential": opts.true_sequential, "meta": {"quantizer": ["lowrank_cli"], "method": opts.method}}
     if uneven:
         # gptqmodel's fast kernels (int4 CPU matmul, exllama, marlin) need the group size to divide every
         # input width and fail at the first forward otherwise; its torch kernel reads g_idx as written and
@@ -213,7 +213,8 @@ class _Job(SolverJob):
         with self.timer("quantize"):
             task = self.progress.task("quantize", self.streamed.num_blocks)
             outcome = run_pipeline(self.streamed, self.windows.calib, evalsets, self.targets, candidates,
-                                   batch_size=o.batch_size, progress=task.advance)
+                                   true_sequential=o.true_sequential, batch_size=o.batch_size,
+                                   progress=task.advance)
             task.close()
         with self.timer("write"):
             copy_outer_tensors(self.ckpt, self.streamed.blocks_name, sink)

@@ -10,7 +10,11 @@ from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.output import check_output_target
 from lowrank_cli.io.resolve import resolve_model
 
-__all__ = ["open_input", "SolverJob"]
+__all__ = ["open_input", "SolverJob", "GRAM_STORE_SHARE"]
+
+# The share of host memory the original model's Grams may take to be kept from one pass for the next
+# (GramStore): a quarter leaves the block, its activations and the Fisher pass's boundaries room on any machine.
+GRAM_STORE_SHARE = 0.25
 
 
 def open_input(model: str, opts, overrides: dict, *, refuse_quantized: str) -> tuple:
@@ -47,16 +51,36 @@ class SolverJob:
                                           offload_dir=opts.offload_dir)
             self.targets = select_targets(self.streamed.model, self.streamed.blocks_name, patterns)
 
-    def profiler(self, method: str, curves: bool):
-        """The profile pass's modifier (error curves, float32 Gram products: CURVE_PRODUCTS), the precision
-        of those products recorded when it reads data."""
+    def profiler(self, method: str, curves: bool, store=None):
+        """The profile pass's modifier (error curves; float32 Gram products, CURVE_PRODUCTS, unless its Grams fill
+        a GramStore `store` for later passes: then that store's products), the precision of those products
+        recorded when it reads data."""
         from lowrank_cli.engine.precision import dtype_name
-        from lowrank_cli.methods.decompose.modifier import Profiler
+        from lowrank_cli.methods.decompose.modifier import CURVE_PRODUCTS, Profiler
 
-        profiler = Profiler(method, self.opts.damp, curves=curves)
+        products = store.product_dtype if store is not None else CURVE_PRODUCTS
+        profiler = Profiler(method, self.opts.damp, curves=curves, product_dtype=products)
         if profiler.needs_data:
-            self.precision["profile_gram_products"] = dtype_name(profiler.product_dtype)
+            import torch
+
+            self.precision["profile_gram_products"] = dtype_name(profiler.product_dtype or torch.float64)
         return profiler
+
+    def make_gram_store(self, product_dtype):
+        """A GramStore for the original model's Grams, or None when they cannot fit GRAM_STORE_SHARE of this
+        machine's memory (bounded before the run by one float64 n x n Gram per target, which layers sharing an
+        input only overstate)."""
+        import psutil
+
+        from lowrank_cli.engine.calibration import GramStore
+
+        limit = int(GRAM_STORE_SHARE * psutil.virtual_memory().total)
+        if self.gram_store_bound() > limit:
+            return None
+        return GramStore(limit, product_dtype=product_dtype)
+
+    def gram_store_bound(self) -> int:
+        return sum(8 * t.n * t.n for t in self.targets)
 
     def sensitivities(self, calib, boundaries) -> dict:
         """Each target's loss per unit of output error (Fisher): one streamed backward pass over the

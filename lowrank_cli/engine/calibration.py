@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lowrank_cli.engine.activations import Activations
 
-__all__ = ["InputGrams", "run_stored", "accumulate_gram", "output_energy"]
+__all__ = ["InputGrams", "MeasuredGrams", "GramStore", "run_stored", "accumulate_gram", "output_energy"]
 
 # Tokens cast to float64 per step in `accumulate_gram`: bounds the float64 copy of a large
 # activation batch (tokens x n x 8 bytes) while keeping each matmul big enough to run at full speed.
@@ -86,6 +86,7 @@ class InputGrams:
         self.block, self.locals, self.halt = block, list(locals_), halt
         self.product_dtype = product_dtype
         self.grams: dict[str, torch.Tensor] = {}
+        self.memo: dict | None = None  # results several candidates derive alike from these Grams (see `derived`)
         self.group_of: dict[str, str] = {}
         self.order: list[str] = []
         self.tokens = 0
@@ -129,6 +130,73 @@ class InputGrams:
 
     def gram(self, local: str) -> torch.Tensor:
         return self.grams[self.group_of[local]]
+
+    def derived(self, key, compute):
+        """compute(), or the value a candidate before this one computed under `key` when the pipeline shares
+        these Grams among candidates (`memo` set): they all start from the original block, so a value derived
+        from a layer's original weight and its Gram (a layer's spectrum) is the same for each."""
+        if self.memo is None:
+            return compute()
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+    def measured(self, device=None) -> MeasuredGrams:
+        """What was measured, without the hooks and the block (which a kept InputGrams would keep alive)."""
+        grams = {k: g.to(device) if device is not None else g for k, g in self.grams.items()}
+        return MeasuredGrams(list(self.locals), grams, dict(self.group_of), list(self.order))
+
+
+class MeasuredGrams:
+    """A block's Grams as `InputGrams` measured them (the same `groups` and `gram`), kept after the forward."""
+
+    def __init__(self, locals_: list[str], grams: dict[str, Tensor], group_of: dict[str, str], order: list[str]):
+        self.locals, self.grams, self.group_of, self.order = locals_, grams, group_of, order
+        self.memo: dict | None = None
+
+    groups = InputGrams.groups
+    gram = InputGrams.gram
+    derived = InputGrams.derived
+
+    def nbytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.grams.values())
+
+    def to(self, device) -> MeasuredGrams:
+        return MeasuredGrams(self.locals, {k: g.to(device) for k, g in self.grams.items()}, self.group_of, self.order)
+
+
+class GramStore:
+    """The original model's Grams of every block, kept from one non-sequential pass for the next ones.
+
+    decompose measures these Grams in its profile pass and again in every compress pass (they do not change:
+    the same original activations, the same products); kept, a later pass carries no calibration stream at all.
+    They are kept in host memory only while they fit `limit_bytes` (the float64 Grams of a large model are
+    many GB per block): past it the store empties itself and the later passes measure them again.
+    """
+
+    def __init__(self, limit_bytes: int, product_dtype=None):
+        self.limit_bytes, self.product_dtype = int(limit_bytes), product_dtype
+        self.blocks: dict[int, MeasuredGrams] = {}
+        self.overflowed = False
+        self.nbytes = 0
+
+    def put(self, i: int, grams: InputGrams | None) -> None:
+        """Keep block i's Grams (None: a block without targets)."""
+        if self.overflowed:
+            return
+        # host memory: a GPU run keeps the device free for its block
+        kept = grams.measured("cpu") if grams is not None else MeasuredGrams([], {}, {}, [])
+        self.nbytes += kept.nbytes() - (self.blocks[i].nbytes() if i in self.blocks else 0)
+        if self.nbytes > self.limit_bytes:
+            self.blocks, self.overflowed, self.nbytes = {}, True, 0
+            return
+        self.blocks[i] = kept
+
+    def complete(self, num_blocks: int) -> bool:
+        return not self.overflowed and all(i in self.blocks for i in range(num_blocks))
+
+    def get(self, i: int, device) -> MeasuredGrams:
+        return self.blocks[i].to(device)
 
 
 def run_stored(block, acts: Activations, i: int, *, keep: bool, batches: int | None = None):

@@ -14,7 +14,9 @@ One pass over the decoder blocks, one block in memory at a time:
     final norm + head on every evaluation stream -> NLL per candidate and evaluation set
 
 Sequential calibration (the default): each group's Gram is measured with every layer before it (earlier
-blocks, earlier groups of this block) already changed, as GPTQ does. That re-measures the inputs each
+blocks, earlier groups of this block) already changed, as GPTQ's "true sequential" does; with
+`true_sequential=False` a block's groups are all measured on the block as it entered (earlier blocks changed,
+this one not yet), in one forward. That re-measures the inputs each
 layer will really see; it does not by itself undo upstream error (no target is adjusted to compensate).
 `sequential=False` measures every Gram on the original model's activations, in the same forward that
 carries the calibration stream on.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowrank_cli.engine.activations import Activations
-from lowrank_cli.engine.calibration import InputGrams, output_energy, run_stored
+from lowrank_cli.engine.calibration import GramStore, InputGrams, output_energy, run_stored
 from lowrank_cli.engine.precision import autocast
 from lowrank_cli.engine.targets import Target, by_block
 from lowrank_cli.eval.perplexity import NLL
@@ -108,7 +110,8 @@ class PipelineOutcome:
         return self.nll[name], self.layers[name], self.seconds[name]
 
 
-def _apply(block, i: int, cand: Candidate, mine: list[Target], shared: InputGrams | None) -> Activations | None:
+def _apply(block, i: int, cand: Candidate, mine: list[Target], shared: InputGrams | None,
+           true_sequential: bool = True) -> Activations | None:
     """Run the candidate's modifier on block i; returns its own calibration stream after the block (None
     when the calibration stream is shared: `shared` then holds the original block's Grams)."""
     mod, acts = cand.modifier, cand.calib
@@ -120,9 +123,17 @@ def _apply(block, i: int, cand: Candidate, mine: list[Target], shared: InputGram
             for group in shared.groups():
                 cand.layers += _modify(block, cand, [by_local[g] for g in group], shared)
         return run_stored(block, acts, i, keep=True) if acts is not None else None
+    by_local = {t.local: t for t in mine}
+    if not true_sequential:
+        # every group's Gram in one forward over the block as it entered, then every group changed
+        with InputGrams(block, list(by_local), product_dtype=mod.product_dtype) as grams:
+            run_stored(block, acts, i, keep=False)
+        for group in grams.groups():
+            cand.layers += _modify(block, cand, [by_local[g] for g in group], grams)
+        del grams
+        return run_stored(block, acts, i, keep=True)
     # Learn the input groups and their forward order from one batch, then measure each group's Gram
     # with every layer before it already changed; the forward halts once the group has its input.
-    by_local = {t.local: t for t in mine}
     with InputGrams(block, list(by_local)) as probe:
         run_stored(block, acts, i, keep=False, batches=1)
     for group in probe.groups():
@@ -153,9 +164,10 @@ def _snapshot(block) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in block.state_dict().items()}
 
 
-def _step(streamed, block, i: int, cand: Candidate, mine: list[Target], shared: InputGrams | None) -> None:
+def _step(streamed, block, i: int, cand: Candidate, mine: list[Target], shared: InputGrams | None,
+          true_sequential: bool) -> None:
     start = time.perf_counter()
-    new_c = _apply(block, i, cand, mine, shared)
+    new_c = _apply(block, i, cand, mine, shared, true_sequential)
     if cand.calib is not None:
         cand.calib.release()
         cand.calib = new_c
@@ -179,30 +191,41 @@ def _shared_grams(block, i: int, acts: Activations, mine: list[Target], product_
 
 
 def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: list[Target],
-                 candidates: list[Candidate], *, sequential: bool = True, batch_size: int = 1,
+                 candidates: list[Candidate], *, sequential: bool = True, true_sequential: bool = True,
+                 batch_size: int = 1,
                  keep_boundaries: bool = False, progress=None, calib_autocast: torch.dtype | None = None,
-                 prune: Callable[[Candidate, int], bool] | None = None) -> PipelineOutcome:
+                 prune: Callable[[Candidate, int], bool] | None = None,
+                 gram_store: GramStore | None = None) -> PipelineOutcome:
     """Run every candidate over the model in one streamed pass; see the module docstring.
 
     `calib`: [n, seq] calibration token windows; `evalsets`: name -> [n, seq] windows whose NLL each
     candidate reports. With `sequential=False` one calibration stream through the original blocks serves
-    every candidate (its Grams are measured once per block). `keep_boundaries` keeps a calibration stream
+    every candidate (its Grams are measured once per block). `true_sequential=False` (with `sequential`)
+    measures all of a block's Grams in one forward over the candidate's stream as it enters the block, instead
+    of one halted forward per input group after the groups before it are changed: two block forwards per
+    block instead of about three (llm-compressor's sequential pipeline; gptqmodel's `true_sequential=False`).
+    `keep_boundaries` keeps a calibration stream
     at every block boundary (the shared one, else the first candidate's; the Fisher sensitivity pass
     replays them). `prune(candidate, i)`, asked after each block, stops a candidate for good when it answers
     True (see the module docstring). `calib_autocast`: run the shared calibration forward (`sequential=False`
     only) under torch.autocast in this dtype, for passes whose Grams and boundaries only steer (the profile);
-    the evaluation streams always run in the compute dtype. The streamed model is left as it was found.
+    the evaluation streams always run in the compute dtype. `gram_store` (`sequential=False` only): a store
+    holding every block's Grams, measured with this pass's products, supplies them, and no calibration stream
+    is carried; any other store is filled with this pass's Grams (as far as its limit allows), unless the
+    calibration forward runs under autocast. The streamed model is left as it was found.
     """
     if prune is not None and keep_boundaries:
         raise ValueError("keep_boundaries follows the first candidate, which prune could stop")
     needs_data = any(c.modifier.needs_data for c in candidates)
-    capture_c = needs_data or keep_boundaries
-    captured_c = streamed.capture(calib, batch_size) if capture_c else None
-    captured_e = {name: streamed.capture(w, batch_size) for name, w in evalsets.items()}
-    shared_c = captured_c if not sequential and capture_c else None
     # float64 products unless every candidate accepts lower precision
     product_dtype = {c.modifier.product_dtype for c in candidates if c.modifier.needs_data}
     product_dtype = product_dtype.pop() if len(product_dtype) == 1 else None
+    stored, fill = _store_use(gram_store, sequential, needs_data, product_dtype, calib_autocast, keep_boundaries,
+                              streamed.num_blocks)
+    capture_c = (needs_data and not stored) or keep_boundaries
+    captured_c = streamed.capture(calib, batch_size) if capture_c else None
+    captured_e = {name: streamed.capture(w, batch_size) for name, w in evalsets.items()}
+    shared_c = captured_c if not sequential and capture_c else None
     for k, cand in enumerate(candidates):
         own = sequential and (cand.modifier.needs_data or (keep_boundaries and k == 0))
         cand.calib = _copy(captured_c) if own else None
@@ -215,15 +238,21 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
         block = streamed.load_block(i)
         mine = targets_of.get(i, [])
         grams = None
-        if shared_c is not None:
+        if stored:
+            grams = gram_store.get(i, streamed.device)
+        elif shared_c is not None:
             with autocast(streamed.device, calib_autocast):
                 grams, new_shared = _shared_grams(block, i, shared_c, mine if needs_data else [], product_dtype)
+            if fill:
+                gram_store.put(i, grams)
         live = [c for c in candidates if c.dropped_at is None]
         original = _snapshot(block) if len(live) > 1 else None
+        if grams is not None and len(live) > 1:
+            grams.memo = {}  # shared by every candidate: what one derives from it the next can reuse
         for k, cand in enumerate(live):
             if k:
                 block.load_state_dict(original)
-            _step(streamed, block, i, cand, mine, grams)
+            _step(streamed, block, i, cand, mine, grams, true_sequential)
             if prune is not None and prune(cand, i):
                 _drop(cand, i)
         del grams
@@ -249,6 +278,16 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
     return PipelineOutcome(nll, {c.name: c.layers for c in candidates},
                            {c.name: round(c.seconds, 3) for c in candidates}, boundaries,
                            {c.name: c.dropped_at for c in candidates if c.dropped_at is not None})
+
+
+def _store_use(store: GramStore | None, sequential: bool, needs_data: bool, product_dtype, calib_autocast,
+               keep_boundaries: bool, num_blocks: int) -> tuple[bool, bool]:
+    """(take the Grams from the store, fill the store) for this pass."""
+    if store is None or sequential or not needs_data or store.product_dtype != product_dtype:
+        return False, False
+    if store.complete(num_blocks):
+        return not keep_boundaries, False
+    return False, calib_autocast is None and not store.overflowed
 
 
 def _release_streams(cand: Candidate) -> None:

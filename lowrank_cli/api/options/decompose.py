@@ -51,6 +51,10 @@ class DecomposeOptions:
     rank_multiple: int = option(8, panel=METHOD, help="Round ranks to a multiple of this.")
     sequential: bool = option(True, negatable=True, panel=METHOD, help="Calibrate each layer on the outputs of "
                               "the already compressed layers before it.")
+    true_sequential: bool = option(True, negatable=True, panel=METHOD, help="With --sequential: measure each "
+                                   "input group's Gram after the groups before it in the block are factorized "
+                                   "(q/k/v, then o, gate/up, down); --no-true-sequential measures a block's Grams "
+                                   "in one forward (fewer block forwards).")
     damp: float = option(0.01, panel=METHOD, help="Gram damping, a fraction of its mean diagonal.")
     # float64 products are exact enough for the smallest directions; consumer GPUs run float64 at 1/32 to
     # 1/64 of their float32 rate, where float32 products (still summed in float64) are the practical choice

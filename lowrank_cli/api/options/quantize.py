@@ -32,6 +32,10 @@ class QuantizeOptions:
     act_order: bool = option(True, negatable=True, panel=GRID, help="Quantize columns in decreasing order of "
                              "input energy (desc_act; more accurate).")
     damp: float = option(0.01, panel=GRID, help="Hessian damping, a fraction of its mean diagonal.")
+    true_sequential: bool = option(True, negatable=True, panel=GRID, help="Measure each input group's Hessian "
+                                   "after the groups before it in the block are quantized (q/k/v, then o, "
+                                   "gate/up, down); --no-true-sequential measures a block's Hessians in one "
+                                   "forward (fewer block forwards).")
     method: str = option("gptq", panel=GRID, help="gptq: error-feedback solve on calibration text; rtn: round "
                          "to nearest (no data).")
     # code alone measured at least as good as stdlib-mix on both kinds of text for GPTQ (benchmarks/calib_mix.py,

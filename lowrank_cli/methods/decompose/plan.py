@@ -22,8 +22,11 @@ def plan_summary(targets: list[Target], ranks: dict | None = None) -> list[dict]
 def estimate_peak_bytes(ckpt, blocks_name: str, num_blocks: int, targets: list[Target], *, hidden: int,
                         vocab: int, compute_bytes: int, calib_tokens: int, eval_tokens: int,
                         seq_len: int, batch_size: int, fisher: bool, candidates: int = 1,
-                        own_calib: bool = True, head_copy_bytes: int = 0) -> dict[str, int]:
+                        own_calib: bool = True, head_copy_bytes: int = 0, kept_grams: int = 0) -> dict[str, int]:
     """Host (or device) memory of the largest phase, by component.
+
+    `kept_grams`: host bytes of the original model's Grams kept from the profile for the compress passes
+    (GramStore; held from the profile to the end).
 
     `head_copy_bytes`: bytes per entry of the low-precision copy of the head weight the Fisher pass makes
     when it runs in another dtype than the compute dtype (0: none; methods/decompose/sensitivity.py).
@@ -51,8 +54,8 @@ def estimate_peak_bytes(ckpt, blocks_name: str, num_blocks: int, targets: list[T
     logits = batch_size * seq_len * vocab * 4 * 2
     head_copy = vocab * hidden * head_copy_bytes if fisher else 0
     return {"block": block_bytes, "embeddings_and_head": outer, "gram": gram, "activations": acts,
-            "candidate_streams": others, "logits": logits, "fisher_head_copy": head_copy,
-            "total": max(block_bytes + gram, outer + logits + head_copy) + acts}
+            "candidate_streams": others, "logits": logits, "fisher_head_copy": head_copy, "kept_grams": kept_grams,
+            "total": max(block_bytes + gram, outer + logits + head_copy) + acts + kept_grams}
 
 
 def estimate_output_bytes(ckpt, targets: list[Target], *, keep: float | None = None, rank: int | None = None,

@@ -3,7 +3,8 @@
 Columns of W ([out, in]) are rounded one at a time; the rounding error of column j is spread over the
 columns not yet rounded through the inverse Hessian of the layer's input (H = 2 X X^T / n), which keeps
 the layer's output error ||(W - Q) X|| small rather than the weight error. Implementation notes:
-- H is accumulated in float64 by the caller and damped here by a fraction of its mean diagonal; we work
+- H is accumulated in float64 by the caller, the solver works in float32 (`SOLVER_DTYPE`; float64 matches a
+  direct float64 reference code for code), and H is damped by a fraction of its mean diagonal; we work
   with the upper Cholesky factor of H^-1 (as the reference does), so no explicit inverse is formed;
 - lazy batches: errors are applied to the remaining columns one block at a time (one matmul), which is
   the same arithmetic as the column-by-column algorithm, reordered;
@@ -27,22 +28,28 @@ from lowrank_cli.utils.threads import single_thread_upto
 __all__ = ["QuantizedWeight", "gptq_quantize", "output_error", "output_errors", "output_energies"]
 
 
+# The solver's working precision. float32 is what the reference implementation, gptqmodel and llm-compressor
+# use: the Hessian is damped by 1% of its mean diagonal, so its Cholesky factors are far from float32's limits.
+SOLVER_DTYPE = torch.float32
+
+
 class NotPositiveDefinite(ValueError):
     pass
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
-                  act_order: bool = False, block_size: int = 128) -> QuantizedWeight:
-    """Quantize `weight` [out, in] given the input Hessian `hessian` [in, in] (any positive scale)."""
+                  act_order: bool = False, block_size: int = 128, dtype: torch.dtype = SOLVER_DTYPE) -> QuantizedWeight:
+    """Quantize `weight` [out, in] given the input Hessian `hessian` [in, in] (any positive scale); `dtype` is
+    the solver's working precision (see SOLVER_DTYPE)."""
     # The column loop is thousands of small operations: one thread (see utils/threads.py)
     with single_thread_upto(weight, limit=8192):
-        return _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size)
+        return _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size, dtype=dtype)
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float, act_order: bool,
-          block_size: int) -> QuantizedWeight:
-    W = weight.detach().to(torch.float64).clone()
-    H = hessian.detach().to(torch.float64).clone()
+          block_size: int, dtype: torch.dtype) -> QuantizedWeight:
+    W = weight.detach().to(dtype).clone()
+    H = hessian.detach().to(dtype).clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -62,8 +69,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
     step = gs if grid.group_size != -1 else block_size  # blocks aligned to groups (see module doc)
     Q = torch.zeros_like(W)
     n_groups = grid.groups(cols)
-    scales = torch.empty(n_groups, rows, dtype=torch.float64, device=dev)
-    zeros = torch.empty(n_groups, rows, dtype=torch.float64, device=dev)
+    scales = torch.empty(n_groups, rows, dtype=dtype, device=dev)
+    zeros = torch.empty(n_groups, rows, dtype=dtype, device=dev)
     scale = zero = None
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
@@ -77,6 +84,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
             col = i1 + i
             if col % gs == 0:
                 scale, zero = find_params(W1[:, i:i + gs] if grid.group_size != -1 else W, grid)
+                scale, zero = scale.to(dtype), zero.to(dtype)  # float16-representable: exact in float32
                 scales[col // gs], zeros[col // gs] = scale, zero
             w = W1[:, i]
             q = torch.round(w / scale).add_(zero).clamp_(0, grid.maxq)
@@ -88,7 +96,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
 
     inv = torch.argsort(perm)
     g_idx = (torch.arange(cols, device=dev) // gs)[inv]
-    return QuantizedWeight(Q[:, inv].to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), grid)
+    return QuantizedWeight(Q[:, inv].to(torch.int32), scales.double(), zeros.to(torch.int32), g_idx.to(torch.int32),
+                           grid)
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
