@@ -256,7 +256,7 @@ def test_compress_keeps_the_smallest_candidate_within_the_budget(compressed):
     from lowrank_cli.engine.precision import fast_bfloat16
 
     # the default --sensitivity-dtype auto: bfloat16 where this CPU multiplies it fast, recorded either way; the
-    # profile's Grams are kept for the candidates pass, so they take the factorizing candidates' float64 products
+    # profile's Grams are kept for the candidates pass, so they take its products: float64 for gptq-lr
     assert manifest["precision"] == doc["precision"] == {
         "compute": "float32", "profile_gram_products": "float64",
         "sensitivity": "bfloat16" if fast_bfloat16("cpu") else "float32"}

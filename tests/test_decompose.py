@@ -139,7 +139,8 @@ def test_float32_gram_products_stay_close_to_float64(tiny_llama, tmp_path):
 def test_kept_grams_give_the_same_model_without_a_calibration_stream(tiny_llama, tmp_path, monkeypatch):
     """--no-sequential: the profile keeps the original model's Grams (GramStore) and the compress passes use
     them instead of carrying the calibration windows again; the written tensors are the same as when nothing
-    fits the store (every pass measures them). The store's products are the factors' (--gram-products)."""
+    fits the store (every pass measures them). The store's products are the factors' (--gram-products float64
+    here: a profile without a store takes float32 ones)."""
     from safetensors.torch import load_file
 
     from lowrank_cli.engine import streamed as streamed_mod
@@ -149,8 +150,8 @@ def test_kept_grams_give_the_same_model_without_a_calibration_stream(tiny_llama,
     monkeypatch.setattr(streamed_mod.StreamedModel, "capture",
                         lambda self, windows, *a, **k: captured.append(windows.shape) or real_capture(self, windows,
                                                                                                       *a, **k))
-    args = ["--params-ratio", "0.5", "--no-sequential", "--calib-samples", "6", "--seq-len", "64",
-            "--eval-tokens", "256"]
+    args = ["--params-ratio", "0.5", "--no-sequential", "--gram-products", "float64", "--calib-samples", "6",
+            "--seq-len", "64", "--eval-tokens", "256"]
     code, kept, _ = decompose(str(tiny_llama), "-o", str(tmp_path / "kept"), *args)
     assert code == 0, kept
     calib_shape = (6, 64)
@@ -207,7 +208,7 @@ def test_bad_sensitivity_dtype_is_one_line_on_stderr(tiny_llama, tmp_path):
 def test_sensitivity_dtype_steers_only_and_is_recorded(tiny_llama, tmp_path):
     """bfloat16 (forced) and float32 sensitivity passes: each recorded in the result and lowrank.json, the
     Fisher weights within a few %, and the same ranks (hence the same weights and perplexities) on a tiny
-    model; the profile's curves took float32 Gram products, the factors the --gram-products default."""
+    model; the profile's curves and the factors took the --gram-products default, float32."""
     runs = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
@@ -216,7 +217,7 @@ def test_sensitivity_dtype_steers_only_and_is_recorded(tiny_llama, tmp_path):
         assert code == 0, result.stderr
         manifest = json.loads((out / "lowrank.json").read_text())
         assert doc["precision"] == manifest["precision"] == {
-            "compute": "float32", "factor_gram_products": "float64", "sensitivity": dtype,
+            "compute": "float32", "factor_gram_products": "float32", "sensitivity": dtype,
             "profile_gram_products": "float32"}
         assert manifest["options"]["sensitivity_dtype"] == dtype
         runs[dtype] = doc, manifest

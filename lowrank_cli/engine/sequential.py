@@ -267,6 +267,9 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
             progress()
         if all(c.dropped_at is not None for c in candidates):
             break  # every candidate pruned: the rest of the model would be read for nothing
+    if fill and gram_store.complete(streamed.num_blocks):
+        log.info("kept the Grams of %d blocks (%.0f MiB) for later passes", streamed.num_blocks,
+                 gram_store.nbytes / 2**20)
     nll = {}
     for cand in (c for c in candidates if c.dropped_at is None):
         nll[cand.name] = {name: _nll(streamed.head_nll_rows(acts, evalsets[name], batch_size), evalsets[name])

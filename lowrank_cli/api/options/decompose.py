@@ -56,13 +56,13 @@ class DecomposeOptions:
                                    "(q/k/v, then o, gate/up, down); --no-true-sequential measures a block's Grams "
                                    "in one forward (fewer block forwards).")
     damp: float = option(0.01, panel=METHOD, help="Gram damping, a fraction of its mean diagonal.")
-    # float64 products are exact enough for the smallest directions; consumer GPUs run float64 at 1/32 to
-    # 1/64 of their float32 rate, where float32 products (still summed in float64) are the practical choice
-    gram_products: str = option("float64", panel=METHOD, help="Precision of each calibration chunk's Gram "
-                                "product before it is summed in float64, for the factors written: float64 "
-                                "(exact) or float32 (faster on GPUs without fast float64; its effect is measured "
-                                "in benchmarks/README.md). The allocation's error curves always take float32 "
-                                "products (measured: the same ranks).")
+    # float32 chunk products (summed in float64) measured the same models as float64 ones on SmolLM2 (test, eval
+    # and prose perplexity equal to 3 decimals at kept 0.6, 0.8 and 0.9: benchmarks/decompose_quality.py
+    # lord-fisher-noseq vs -noseq-f32) and cost about half; float64 stays available
+    gram_products: str = option("float32", panel=METHOD, help="Precision of each calibration chunk's Gram "
+                                "product before it is summed in float64, for the factors written: float32 "
+                                "(measured the same models as float64 on SmolLM2, about twice as fast) or "
+                                "float64. The allocation's error curves always take float32 products.")
     search_steps: int = option(6, panel=BUDGET, help="Streamed passes over the model the perplexity search "
                                "may spend (each evaluates --search-width kept fractions).")
     # one read of the blocks serves every candidate of a pass, but each candidate still costs its own

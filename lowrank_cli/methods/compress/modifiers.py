@@ -28,7 +28,9 @@ class FactorizeThenQuantize(Modifier):
     """Targets with a rank are factorized (data-aware) and both factors quantized; the others are quantized
     as they are. The checkpoint stores packed `NAME.up` / `NAME.down` linears (a factorized GPTQ model)."""
 
-    product_dtype = None  # the Gram also decides the factorization's small directions: float64 products
+    # float32 chunk products, as decompose's default: they measured the same factorized models as float64 ones
+    # (the Gram decides the factors' directions; see DecomposeOptions.gram_products)
+    product_dtype = torch.float32
 
     def __init__(self, factorize: Factorize, quantize: Quantize):
         self.factorize, self.quantize = factorize, quantize
