@@ -64,8 +64,8 @@ def main() -> None:
     t0 = time.perf_counter()
     base_prose = evaluate(path, data="stdlib-prose", seq_len=args.seq_len, max_tokens=args.eval_tokens)
     rows = []
-    print(f"{'config':16} {'keep':>5} {'kept':>6} {'model':>6} {'code ppl':>10} {'code test':>10} {'prose ppl':>10} {'time s':>7}",
-          flush=True)
+    print(f"{'config':16} {'keep':>5} {'kept':>6} {'model':>6} {'code ppl':>10} {'code test':>10} "
+          f"{'prose ppl':>10} {'time s':>7}", flush=True)
     base_code = None
     for keep in args.keep:
         for name in args.configs:
@@ -85,7 +85,8 @@ def main() -> None:
                    "timings_s": res.timings_s, "peak_rss_bytes": res.memory.get("peak_rss_bytes")}
             rows.append(row)
             print(f"{name:16} {keep:5.2f} {row['kept_targeted']:6.3f} {row['kept_model']:6.3f} "
-                  f"{row['code_ppl']:10.3f} {row['code_test_ppl'] or float('nan'):10.3f} {row['prose_ppl']:10.3f} {seconds:7.1f}", flush=True)
+                  f"{row['code_ppl']:10.3f} {row['code_test_ppl'] or float('nan'):10.3f} "
+                  f"{row['prose_ppl']:10.3f} {seconds:7.1f}", flush=True)
     print(f"baseline: code {base_code:.3f}, prose {base_prose.perplexity:.3f}; total {time.perf_counter() - t0:.0f} s")
     doc = {"model": args.model, "baseline": {"code_ppl": base_code, "prose_ppl": base_prose.perplexity},
            "settings": vars(args), "rows": rows}
