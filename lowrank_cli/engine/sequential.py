@@ -14,10 +14,10 @@ One pass over the decoder blocks, one block in memory at a time:
     final norm + head on every evaluation stream -> NLL per candidate and evaluation set
 
 Sequential calibration (the default): each group's Gram is measured with every layer before it (earlier
-blocks, earlier groups of this block) already changed, as GPTQ's "true sequential" does; with
-`true_sequential=False` a block's groups are all measured on the block as it entered (earlier blocks changed,
-this one not yet), in one forward. That re-measures the inputs each
-layer will really see; it does not by itself undo upstream error (no target is adjusted to compensate).
+blocks, earlier groups of this block) already changed, as GPTQ's "true sequential" does. That re-measures the
+inputs each layer will really see; it does not by itself undo upstream error (no target is adjusted to
+compensate). With `true_sequential=False` a block's groups are all measured on the block as it entered (earlier
+blocks changed, this one not yet), in one forward.
 `sequential=False` measures every Gram on the original model's activations, in the same forward that
 carries the calibration stream on.
 
@@ -192,8 +192,8 @@ def _shared_grams(block, i: int, acts: Activations, mine: list[Target], product_
 
 def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: list[Target],
                  candidates: list[Candidate], *, sequential: bool = True, true_sequential: bool = True,
-                 batch_size: int = 1,
-                 keep_boundaries: bool = False, progress=None, calib_autocast: torch.dtype | None = None,
+                 batch_size: int = 1, keep_boundaries: bool = False, progress=None,
+                 calib_autocast: torch.dtype | None = None,
                  prune: Callable[[Candidate, int], bool] | None = None,
                  gram_store: GramStore | None = None) -> PipelineOutcome:
     """Run every candidate over the model in one streamed pass; see the module docstring.
@@ -204,15 +204,15 @@ def run_pipeline(streamed, calib, evalsets: dict[str, torch.Tensor], targets: li
     measures all of a block's Grams in one forward over the candidate's stream as it enters the block, instead
     of one halted forward per input group after the groups before it are changed: two block forwards per
     block instead of about three (llm-compressor's sequential pipeline; gptqmodel's `true_sequential=False`).
-    `keep_boundaries` keeps a calibration stream
-    at every block boundary (the shared one, else the first candidate's; the Fisher sensitivity pass
-    replays them). `prune(candidate, i)`, asked after each block, stops a candidate for good when it answers
-    True (see the module docstring). `calib_autocast`: run the shared calibration forward (`sequential=False`
-    only) under torch.autocast in this dtype, for passes whose Grams and boundaries only steer (the profile);
-    the evaluation streams always run in the compute dtype. `gram_store` (`sequential=False` only): a store
-    holding every block's Grams, measured with this pass's products, supplies them, and no calibration stream
-    is carried; any other store is filled with this pass's Grams (as far as its limit allows), unless the
-    calibration forward runs under autocast. The streamed model is left as it was found.
+    `keep_boundaries` keeps a calibration stream at every block boundary (the shared one, else the first
+    candidate's; the Fisher sensitivity pass replays them). `prune(candidate, i)`, asked after each block,
+    stops a candidate for good when it answers True (see the module docstring). `calib_autocast`: run the
+    shared calibration forward (`sequential=False` only) under torch.autocast in this dtype, for passes whose
+    Grams and boundaries only steer (the profile); the evaluation streams always run in the compute dtype.
+    `gram_store` (`sequential=False` only): a store holding every block's Grams, measured with this pass's
+    products, supplies them, and no calibration stream is carried; any other store is filled with this pass's
+    Grams (as far as its limit allows), unless the calibration forward runs under autocast. The streamed model
+    is left as it was found.
     """
     if prune is not None and keep_boundaries:
         raise ValueError("keep_boundaries follows the first candidate, which prune could stop")
