@@ -5,11 +5,13 @@ the other, on the same model, calibration (16 x 512) and eval/test text (4096 + 
 
     reference     decompose --params-ratio 0.8 --allocation uniform --no-sequential: calibrate once,
                   whitened SVD per layer, uniform ranks (the plain recipe the default is compared with)
-    default       decompose --params-ratio 0.8 (Fisher allocation, sequential calibration)
+    default       decompose --params-ratio 0.8 (Fisher allocation; sequential calibration only below kept 0.75,
+                  so none here: the profile's Grams serve the compress pass)
+    sequential    decompose --params-ratio 0.8 --sequential (the default before kept-fraction-dependent calibration)
     fisher-no-seq decompose --params-ratio 0.8 --no-sequential (Fisher allocation, the input model's Grams, kept
                   from the profile pass for the compress pass)
-    default-block-seq  decompose --params-ratio 0.8 --no-true-sequential (sequential across blocks, one Gram
-                  forward per block)
+    default-block-seq  decompose --params-ratio 0.8 --sequential --no-true-sequential (sequential across blocks,
+                  one Gram forward per block)
     default-10k   default at the command's own eval/test sizes (10240 + 10240 tokens)
     search-1pct   decompose --target-ppl-increase 1% (the default --search-width)
     search-1pct-w3  the same with --search-width 3 (3 kept fractions per streamed pass)
@@ -46,7 +48,8 @@ CONFIGS = {
     "reference": ("decompose", dict(params_ratio=0.8, allocation="uniform", sequential=False)),
     "default": ("decompose", dict(params_ratio=0.8)),
     "fisher-no-seq": ("decompose", dict(params_ratio=0.8, sequential=False)),
-    "default-block-seq": ("decompose", dict(params_ratio=0.8, true_sequential=False)),
+    "sequential": ("decompose", dict(params_ratio=0.8, sequential=True)),
+    "default-block-seq": ("decompose", dict(params_ratio=0.8, sequential=True, true_sequential=False)),
     "default-10k": ("decompose", dict(params_ratio=0.8, eval_tokens=10240, test_tokens=10240)),
     "search-1pct": ("decompose", dict(target_ppl_increase=0.01)),
     "search-1pct-w3": ("decompose", dict(target_ppl_increase=0.01, search_width=3)),

@@ -168,6 +168,26 @@ def test_kept_grams_give_the_same_model_without_a_calibration_stream(tiny_llama,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(("ratio", "flag", "sequential"), [("0.8", None, False), ("0.5", None, True),
+                                                           ("0.8", "--sequential", True),
+                                                           ("0.5", "--no-sequential", False)])
+def test_sequential_by_default_only_below_the_measured_threshold(tiny_llama, tmp_path, ratio, flag, sequential):
+    """Without --sequential/--no-sequential a compress pass calibrates sequentially only when a kept fraction it
+    evaluates is below SEQUENTIAL_BELOW (0.75); the choice is recorded with each evaluation and in lowrank.json."""
+    from lowrank_cli.api.decompose import SEQUENTIAL_BELOW
+
+    out = tmp_path / "o"
+    code, doc, _ = decompose(str(tiny_llama), "-o", str(out), "--params-ratio", ratio, *([flag] if flag else []),
+                             *FAST)
+    assert code == 0, doc
+    (evaluation,) = doc["evaluations"]
+    assert evaluation["sequential"] is sequential
+    if flag is None:
+        assert (evaluation["kept_fraction"] < SEQUENTIAL_BELOW) is sequential
+    manifest = json.loads((out / "lowrank.json").read_text())
+    assert manifest["metrics"]["evaluations"][0]["sequential"] is sequential
+
+
 def test_targets_select_layers(tiny_bigcode, tmp_path):
     code, doc, _ = decompose(str(tiny_bigcode), "-o", str(tmp_path / "o"), "--params-ratio", "0.5",
                              "--targets", "mlp.*", *FAST)

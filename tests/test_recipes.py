@@ -59,7 +59,9 @@ def test_decompose_schema_follows_its_flags():
     assert opts["output"].flags == ("--output", "-o")
     assert opts["seq_len"].param == "calib_seq_len"  # key from the flag, not the field's name
     assert opts["data"].aliases == ("eval_data",) and spec.key_for("eval_data") == "data"
-    assert opts["sequential"].off_flag == "--no-sequential" and opts["sequential"].default is True
+    # a switch whose default (None) leaves the choice to the run: sequential below a kept fraction of 0.75
+    assert opts["sequential"].off_flag == "--no-sequential" and opts["sequential"].default is None
+    assert opts["sequential"].base is bool
     assert opts["params_ratio"].base is float and opts["params_ratio"].default is None
     assert opts["rank_multiple"].base is int and opts["rank_multiple"].default == 8
     assert opts["batch_size"].minimum == 1

@@ -85,6 +85,14 @@ def decompose(model: str, opts: DecomposeOptions | None = None, progress: Progre
     return job.plan_only() if opts.dry_run else job.run()
 
 
+# Sequential calibration's measured worth (SmolLM2, Fisher allocation, test perplexity; `python
+# benchmarks/decompose_quality.py --model smollm2 --keep 0.6 0.8 0.9 --configs lord-fisher lord-fisher-noseq`):
+# 19.47 sequential vs 22.76 at kept 0.6, 9.09 vs 9.10 at 0.8, 7.12 vs 7.16 at 0.9. By default a compress pass
+# calibrates sequentially when a kept fraction it evaluates is below this; otherwise its layers take the input
+# model's Grams, kept from the profile pass (GramStore), at about a third of the pass's cost.
+SEQUENTIAL_BELOW = 0.75
+
+
 def _out_dtype(ckpt, name: str):
     """The float dtype the input stores a tensor (or the weight a factor came from) in."""
     import torch
@@ -147,7 +155,7 @@ class _Job(SolverJob):
             eval_tokens=opts.eval_tokens + opts.test_tokens, seq_len=opts.calib_seq_len,
             batch_size=opts.batch_size, fisher=self.fisher,
             candidates=opts.search_width if self.kind == "target_ppl_increase" else 1,
-            own_calib=opts.sequential and opts.method != "svd",
+            own_calib=self._sequential([opts.params_ratio]) and opts.method != "svd",
             head_copy_bytes=torch.finfo(steer).bits // 8 if steer not in (None, self.dtype) else 0,
             kept_grams=self.gram_store_bound() if self._gram_store() is not None else 0)
         memory["device"] = opts.device
@@ -223,12 +231,20 @@ class _Job(SolverJob):
         curves = [LayerCurve(t.name, t.m, t.n, profiler.tails[t.name], sens.get(t.name, 1.0)) for t in self.targets]
         return curves, {name: v.perplexity for name, v in nll.items()}, sens
 
+    def _sequential(self, kept: list[float | None]) -> bool:
+        """Whether a compress pass evaluating these kept fractions (None: not known yet) calibrates
+        sequentially: --sequential / --no-sequential, or by SEQUENTIAL_BELOW."""
+        if self.opts.sequential is not None:
+            return self.opts.sequential
+        return any(k is None or k < SEQUENTIAL_BELOW for k in kept)
+
     def _gram_store(self):
         """Without sequential calibration every pass measures the same Grams (the original model's): the first
-        pass keeps them for the others (`SolverJob.gram_store`)."""
+        pass keeps them for the others (`SolverJob.make_gram_store`)."""
         profile_grams = self.opts.allocation != "uniform" and self.kind != "rank"
         one_compress_pass = self.kind != "target_ppl_increase"
-        if self.opts.sequential or self.opts.method == "svd" or (one_compress_pass and not profile_grams):
+        never = self.opts.sequential or (self.kind == "params_ratio" and self._sequential([self.opts.params_ratio]))
+        if never or self.opts.method == "svd" or (one_compress_pass and not profile_grams):
             return None  # nothing to keep them for
         return self.make_gram_store(self._products())
 
@@ -262,10 +278,11 @@ class _Job(SolverJob):
                                  product_dtype=self._products())
             cands.append(Candidate(f"candidate-{first + k}", modifier, self._sink(writers[-1][1])))
         keeps = ", ".join(f"{keep:.3f}" for keep, _ in runs if keep is not None)
+        sequential = self._sequential([self._kept_fraction(ranks) for _, ranks in runs])
         with self.timer("compress"):
             task, tick = self._task(f"compress {self.passes}" + (f" keep={keeps}" if keeps else ""))
             outcome = run_pipeline(self.streamed, self.windows.calib, self._evalsets(), self.targets, cands,
-                                   sequential=opts.sequential, true_sequential=opts.true_sequential,
+                                   sequential=sequential, true_sequential=opts.true_sequential,
                                    batch_size=opts.batch_size, progress=tick, gram_store=self.gram_store)
             task.close()
         records = []
@@ -274,7 +291,13 @@ class _Job(SolverJob):
             writer.close()
             records.append(self._record(keep, ranks, folder, outcome.nll[cand.name], outcome.layers[cand.name],
                                         outcome.seconds[cand.name]))
+            records[-1]["sequential"] = sequential
         return records
+
+    def _kept_fraction(self, ranks: dict) -> float:
+        from lowrank_cli.methods.decompose.allocate import kept_params
+
+        return kept_params(self.curves, ranks) / self.targeted_before
 
     def _sink(self, writer):
         def sink(name, tensor):
@@ -286,10 +309,8 @@ class _Job(SolverJob):
         """One evaluation, appended to the search's history and logged."""
         import logging
 
-        from lowrank_cli.methods.decompose.allocate import kept_params
-
         ppl = nll["eval"].perplexity
-        record = {"keep": keep, "kept_fraction": kept_params(self.curves, ranks) / self.targeted_before,
+        record = {"keep": keep, "kept_fraction": self._kept_fraction(ranks),
                   "perplexity": ppl, "increase": ppl / self.baseline["eval"] - 1,
                   "test_perplexity": nll["test"].perplexity, "factorized_layers": len(layers),
                   "pass": self.passes, "seconds": round(seconds, 2), "folder": folder, "ranks": ranks,

@@ -49,8 +49,11 @@ class DecomposeOptions:
                              "in every layer.")
     # ranks rounded to this (tensor-core and kernel friendly)
     rank_multiple: int = option(8, panel=METHOD, help="Round ranks to a multiple of this.")
-    sequential: bool = option(True, negatable=True, panel=METHOD, help="Calibrate each layer on the outputs of "
-                              "the already compressed layers before it.")
+    # None: by the kept fraction (SEQUENTIAL_BELOW in api/decompose.py, where it measured a gain)
+    sequential: bool | None = option(None, negatable=True, panel=METHOD, show_default=False, help="Calibrate "
+                                     "each layer on the outputs of the already compressed layers before it. "
+                                     "Default: for kept fractions below 0.75, where it measured a gain; above, "
+                                     "every layer takes the input model's Grams, kept from the first pass.")
     true_sequential: bool = option(True, negatable=True, panel=METHOD, help="With --sequential: measure each "
                                    "input group's Gram after the groups before it in the block are factorized "
                                    "(q/k/v, then o, gate/up, down); --no-true-sequential measures a block's Grams "
