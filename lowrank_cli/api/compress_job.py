@@ -244,8 +244,8 @@ class CompressJob(SolverJob):
     def _keeps_grams(self) -> bool:
         """Whether the profile keeps its Grams for the candidates pass: they share one calibration stream through
         the original blocks (no --sequential), so the profile's Grams, taken with the candidates' products,
-        spare that pass the stream; when they fit (`SolverJob.make_gram_store`)."""
-        return self._profile_curves() and not self.opts.sequential and self.make_gram_store(None) is not None
+        spare that pass the stream; when they fit (`SolverJob.grams_fit`)."""
+        return self._profile_curves() and not self.opts.sequential and self.grams_fit()
 
     def _candidate_products(self):
         """The Gram products the candidates pass takes: float32 when every candidate's modifier accepts them."""

@@ -157,7 +157,7 @@ class _Job(SolverJob):
             candidates=opts.search_width if self.kind == "target_ppl_increase" else 1,
             own_calib=self._sequential([opts.params_ratio]) and opts.method != "svd",
             head_copy_bytes=torch.finfo(steer).bits // 8 if steer not in (None, self.dtype) else 0,
-            kept_grams=self.gram_store_bound() if self._gram_store() is not None else 0)
+            kept_grams=self.gram_store_bound() if self._keeps_grams() else 0)
         memory["device"] = opts.device
         memory["compute_dtype"] = str(self.dtype).replace("torch.", "")
         memory["output"] = estimate_output_bytes(self.ckpt, self.targets, keep=opts.params_ratio, rank=opts.rank,
@@ -216,7 +216,7 @@ class _Job(SolverJob):
         from lowrank_cli.methods.decompose.allocate import LayerCurve
 
         opts = self.opts
-        self.gram_store = self._gram_store()
+        self.gram_store = self.make_gram_store(self._products()) if self._keeps_grams() else None
         # the curves alone take float32 Gram products (see CURVE_PRODUCTS); Grams kept for the factors take theirs
         profiler = self.profiler(opts.method, curves=opts.allocation != "uniform" and self.kind != "rank",
                                  store=self.gram_store)
@@ -238,15 +238,16 @@ class _Job(SolverJob):
             return self.opts.sequential
         return any(k is None or k < SEQUENTIAL_BELOW for k in kept)
 
-    def _gram_store(self):
-        """Without sequential calibration every pass measures the same Grams (the original model's): the first
-        pass keeps them for the others (`SolverJob.make_gram_store`)."""
+    def _keeps_grams(self) -> bool:
+        """Without sequential calibration every pass measures the same Grams (the original model's): the profile
+        keeps them for the compress passes, unless no pass would use them or they do not fit
+        (`SolverJob.grams_fit`)."""
         profile_grams = self.opts.allocation != "uniform" and self.kind != "rank"
         one_compress_pass = self.kind != "target_ppl_increase"
         never = self.opts.sequential or (self.kind == "params_ratio" and self._sequential([self.opts.params_ratio]))
         if never or self.opts.method == "svd" or (one_compress_pass and not profile_grams):
-            return None  # nothing to keep them for
-        return self.make_gram_store(self._products())
+            return False
+        return self.grams_fit()
 
     def _ranks(self, keep: float) -> dict:
         from lowrank_cli.methods.decompose import allocate

@@ -66,21 +66,25 @@ class SolverJob:
             self.precision["profile_gram_products"] = dtype_name(profiler.product_dtype or torch.float64)
         return profiler
 
-    def make_gram_store(self, product_dtype):
-        """A GramStore for the original model's Grams, or None when they cannot fit GRAM_STORE_SHARE of this
-        machine's memory (bounded before the run by one float64 n x n Gram per target, which layers sharing an
-        input only overstate)."""
-        import psutil
+    def grams_fit(self) -> bool:
+        """Whether the original model's Grams can be kept: their bound (one float64 n x n Gram per target, which
+        layers sharing an input only overstate) fits GRAM_STORE_SHARE of this machine's memory."""
+        return self.gram_store_bound() <= self._gram_store_limit()
 
+    def make_gram_store(self, product_dtype):
+        """A GramStore for the original model's Grams (ask `grams_fit` first)."""
         from lowrank_cli.engine.calibration import GramStore
 
-        limit = int(GRAM_STORE_SHARE * psutil.virtual_memory().total)
-        if self.gram_store_bound() > limit:
-            return None
-        return GramStore(limit, product_dtype=product_dtype)
+        return GramStore(self._gram_store_limit(), product_dtype=product_dtype)
 
     def gram_store_bound(self) -> int:
         return sum(8 * t.n * t.n for t in self.targets)
+
+    @staticmethod
+    def _gram_store_limit() -> int:
+        import psutil
+
+        return int(GRAM_STORE_SHARE * psutil.virtual_memory().total)
 
     def sensitivities(self, calib, boundaries) -> dict:
         """Each target's loss per unit of output error (Fisher): one streamed backward pass over the

@@ -114,11 +114,13 @@ class Factorize(Modifier):
 
     def factorize(self, block, t: Target, grams) -> dict:
         weight = block.get_submodule(t.local).weight.detach()
-        if grams is None:
-            spec = layer_spectrum(weight, grams, t.local, self.method, self.damp)
-        else:  # candidates sharing the original block's Grams share its spectra (same weight, same Gram)
-            spec = grams.derived(("spectrum", t.local, self.method, self.damp),
-                                 lambda: layer_spectrum(weight, grams, t.local, self.method, self.damp))
+
+        def spectrum():
+            return layer_spectrum(weight, grams, t.local, self.method, self.damp)
+
+        # candidates sharing the original block's Grams share its spectra (same weight, same Gram)
+        spec = grams.derived(("spectrum", t.local, self.method, self.damp), spectrum) if grams is not None \
+            else spectrum()
         rank = self.ranks[t.name]
         up, down = factors_from_spectrum(weight, spec, rank)
         swap_in_factors(block, t, up, down, self._restore)
